@@ -1,0 +1,1 @@
+"""idgbr-jax: IDGBR boundary refinement in JAX/Flax."""

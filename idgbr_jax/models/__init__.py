@@ -1,0 +1,1 @@
+"""Networks: Stage I backbones (`backbones/`) and the Stage II refiner's parts."""

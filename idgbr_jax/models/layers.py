@@ -1,0 +1,96 @@
+"""Layers with logical axis names on every parameter, and PyTorch-compatible defaults.
+
+All networks build their parameters through these helpers so that one rules table
+(`idgbr_jax.parallel.sharding.DEFAULT_RULES`) can place every weight on the mesh. Layout is
+NHWC; kernels are HWIO (a PyTorch OIHW kernel converts with `kernel.transpose(2, 3, 1, 0)`).
+
+Integer padding means symmetric padding as in `torch.nn.Conv2d(padding=p)`; XLA's 'SAME' differs
+from PyTorch for strided convs, so the networks that must match PyTorch pass integers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Initializer = Callable[..., Any]
+
+# PyTorch's default init for Conv/Linear is kaiming_uniform(a=sqrt(5)) == variance_scaling(1/3).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _padding(padding, ndim: int = 2):
+  if isinstance(padding, int):
+    return tuple((padding, padding) for _ in range(ndim))
+  return padding
+
+
+def Conv(features: int, kernel_size: int | Sequence[int] = 3, strides: int = 1, padding: Any = None,
+         *, use_bias: bool = True, in_axis: str | None = "embed", out_axis: str | None = "mlp",
+         kernel_init: Initializer = torch_default_init,
+         bias_init: Initializer = nn.initializers.zeros_init(), dtype: Dtype = jnp.float32,
+         param_dtype: Dtype = jnp.float32, feature_group_count: int = 1,
+         kernel_dilation: int = 1, name: str | None = None) -> nn.Conv:
+  """2-D convolution, NHWC. `padding=None` means k//2 (PyTorch 'same' for odd k, stride 1)."""
+  ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+  if padding is None:
+    padding = tuple(((k - 1) * kernel_dilation // 2,) * 2 for k in ks)
+  return nn.Conv(
+      features, ks, strides=(strides, strides), padding=_padding(padding),
+      use_bias=use_bias, feature_group_count=feature_group_count,
+      kernel_dilation=(kernel_dilation, kernel_dilation), dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init,
+                                               ("kernel_h", "kernel_w", in_axis, out_axis)),
+      bias_init=nn.with_logical_partitioning(bias_init, (out_axis,)), name=name)
+
+
+def Dense(features: int, *, use_bias: bool = True, in_axis: str | None = "embed",
+          out_axis: str | None = "mlp", kernel_init: Initializer = torch_default_init,
+          bias_init: Initializer = nn.initializers.zeros_init(), dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+  """Linear layer; kernel is (in, out) = PyTorch weight transposed."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, (in_axis, out_axis)),
+      bias_init=nn.with_logical_partitioning(bias_init, (out_axis,)), name=name)
+
+
+def GroupNorm(num_groups: int = 32, epsilon: float = 1e-5, *, dtype: Dtype = jnp.float32,
+              param_dtype: Dtype = jnp.float32, use_scale: bool = True, use_bias: bool = True,
+              name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm with PyTorch's eps default (1e-5), statistics in float32."""
+  return nn.GroupNorm(
+      num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+      use_scale=use_scale, use_bias=use_bias, use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), name=name)
+
+
+def LayerNorm(epsilon: float = 1e-5, *, dtype: Dtype = jnp.float32,
+              param_dtype: Dtype = jnp.float32, scale_init: Initializer = nn.initializers.ones_init(),
+              bias_init: Initializer = nn.initializers.zeros_init(), use_bias: bool = True,
+              use_scale: bool = True, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm with PyTorch's eps default (1e-5)."""
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+      use_scale=use_scale, use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(scale_init, ("norm",)),
+      bias_init=nn.with_logical_partitioning(bias_init, ("norm",)), name=name)
+
+
+def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
+              param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm (PyTorch eps 1e-5, momentum 0.1 == flax momentum 0.9); pass use_running_average."""
+  return nn.BatchNorm(
+      momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+      use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), name=name)
+
+
+def param_with_axes(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
+                    axes: Sequence[str | None], dtype: Dtype = jnp.float32):
+  """`module.param` with logical axis names (for raw params such as positional embeddings)."""
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
