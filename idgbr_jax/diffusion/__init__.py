@@ -1,0 +1,23 @@
+"""Diffusion: the DDIM noise schedule, training-noise helpers and the scan-based DDIM sampler."""
+from idgbr_jax.diffusion.sampler import ddim_sample, ddim_step
+from idgbr_jax.diffusion.schedule import (
+    NoiseSchedule,
+    add_noise,
+    cubic_timesteps,
+    ddim_timestep_pairs,
+    ddim_timesteps,
+    make_schedule,
+    sample_timesteps,
+)
+
+__all__ = [
+    "NoiseSchedule",
+    "add_noise",
+    "cubic_timesteps",
+    "ddim_sample",
+    "ddim_step",
+    "ddim_timestep_pairs",
+    "ddim_timesteps",
+    "make_schedule",
+    "sample_timesteps",
+]
