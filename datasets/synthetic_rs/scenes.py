@@ -119,6 +119,7 @@ class _Region:
   ys: slice
   xs: slice
   mask: np.ndarray
+  ids: np.ndarray | None = None  # with `_rasterize(ids=True)`: 1 + index of the top polygon
 
   def grid(self) -> tuple[np.ndarray, np.ndarray]:
     """Absolute pixel-centre coordinates (X (1,w), Y (h,1)) of the crop, for shading."""
@@ -126,15 +127,19 @@ class _Region:
             np.arange(self.ys.start, self.ys.stop, dtype=np.float32)[:, None])
 
 
-def _rasterize(size: int, polygons=(), circles=(), lines=()) -> _Region | None:
+def _rasterize(size: int, polygons=(), circles=(), lines=(), ids: bool = False
+               ) -> _Region | None:
   """Rasterizes shapes into a crop-sized mask; drawing only the bounding box keeps it cheap.
 
   Args:
     size: canvas side.
-    polygons: iterable of (N,2) vertex arrays.
-    circles: iterable of (cx, cy, r).
-    lines: iterable of ((N,2) polyline, width).
+    polygons: sequence of (N,2) vertex arrays.
+    circles: sequence of (cx, cy, r).
+    lines: sequence of ((N,2) polyline, width).
+    ids: also return, per pixel, 1 + the index of the last polygon drawn there, so one call
+      rasterizes many objects that are then coloured by table lookup (at most 255 polygons).
   """
+  assert not ids or len(polygons) <= 255
   # Bounds in plain floats: numpy reductions over a handful of points cost more than drawing.
   x_lo = y_lo = np.inf
   x_hi = y_hi = -np.inf
@@ -154,16 +159,17 @@ def _rasterize(size: int, polygons=(), circles=(), lines=()) -> _Region | None:
   img = Image.new("L", (x1 - x0, y1 - y0), 0)
   draw = ImageDraw.Draw(img)
   off = np.array([x0, y0], np.float64)
-  for p in polygons:
-    draw.polygon((p - off).ravel().tolist(), fill=1)
+  for k, p in enumerate(polygons):
+    draw.polygon((p - off).ravel().tolist(), fill=k + 1 if ids else 1)
   for cx, cy, r in circles:
     draw.ellipse([cx - r - x0, cy - r - y0, cx + r - x0, cy + r - y0], fill=1)
   for p, w in lines:
     draw.line((p - off).ravel().tolist(), fill=1, width=max(1, int(round(w))), joint="curve")
-  mask = np.frombuffer(img.tobytes(), np.uint8).reshape(y1 - y0, x1 - x0).view(bool)
+  crop = np.frombuffer(img.tobytes(), np.uint8).reshape(y1 - y0, x1 - x0)
+  mask = crop > 0 if ids else crop.view(bool)
   if not mask.any():
     return None
-  return _Region(slice(y0, y1), slice(x0, x1), mask)
+  return _Region(slice(y0, y1), slice(x0, x1), mask, crop if ids else None)
 
 
 _CORNER_SIGNS = np.array([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
@@ -291,7 +297,9 @@ class _Canvas:
     lo_f = self._field(self._lo, variant)[ys, xs]
     hi_f = self._field(self._hi, variant + 3)[ys, xs]
     g = self._field(self._grain, variant + 5)[ys, xs]
-    base = np.asarray(rgb, np.float32)[:, None, None]
+    base = np.asarray(rgb, np.float32)
+    if base.ndim == 1:  # else already (3,h,w): per-object colours looked up by id
+      base = base[:, None, None]
     if rgb2 is not None:
       t = 1.0 / (1.0 + np.exp(-mix * self._field(self._lo, variant + 1)[ys, xs]))
       base = base + t[None] * (np.asarray(rgb2, np.float32)[:, None, None] - base)
@@ -308,8 +316,8 @@ class _Canvas:
     if colour.ndim == 1:
       colour = colour[:, None, None]
     np.copyto(self.rgb[:, region.ys, region.xs], colour, where=m[None])
-    if material is not None:
-      np.copyto(self.material[region.ys, region.xs], np.uint8(material), where=m)
+    if material is not None:  # a scalar or a crop-shaped array
+      np.copyto(self.material[region.ys, region.xs], np.asarray(material, np.uint8), where=m)
     if occupy:
       self.occupied[region.ys, region.xs] |= m
 
@@ -493,19 +501,18 @@ def _paint_roads(cv: _Canvas, style: SceneStyle, urban: bool) -> list[_Road]:
     normal = r.normal
     w_mean = float(r.width.mean())
     if rng.random() < 0.7:  # tyre wear: darker tracks along both lanes
-      for off in (-0.3, -0.15, 0.15, 0.3):
-        reg = _rasterize(s, lines=[(r.path + normal * (off * r.width)[:, None], 0.06 * w_mean)])
-        cv.shade(reg, 0.93)
+      tracks = [(r.path + normal * (off * r.width)[:, None], 0.06 * w_mean)
+                for off in (-0.3, -0.15, 0.15, 0.3)]
+      cv.shade(_rasterize(s, lines=tracks), 0.93)
     line_w = max(1.0, 0.07 * w_mean)
     paint_rgb = _jitter(rng, (225, 222, 210) if rng.random() < 0.8 else (215, 185, 70), 8)
     if w_mean > 5 and rng.random() < 0.75:  # dashed centre line
       dash = rng.uniform(0.3, 0.6) * w_mean
-      for d in _dashes(r.path, dash, dash * rng.uniform(0.8, 1.5), rng.uniform(0, dash)):
-        cv.paint(_rasterize(s, lines=[(d, line_w)]), paint_rgb)
+      dashes = _dashes(r.path, dash, dash * rng.uniform(0.8, 1.5), rng.uniform(0, dash))
+      cv.paint(_rasterize(s, lines=[(d, line_w) for d in dashes]), paint_rgb)
     if w_mean > 5 and rng.random() < 0.4:  # solid edge lines
-      for side in (-1, 1):
-        edge = r.path + normal * (side * 0.4 * r.width)[:, None]
-        cv.paint(_rasterize(s, lines=[(edge, line_w)]), paint_rgb)
+      edges = [(r.path + normal * (side * 0.4 * r.width)[:, None], line_w) for side in (-1, 1)]
+      cv.paint(_rasterize(s, lines=edges), paint_rgb)
   return roads
 
 
@@ -537,15 +544,17 @@ def _paint_parking_lots(cv: _Canvas, roads: list[_Road], urban: bool) -> list[tu
     stall_w = cv.car_len * rng.uniform(0.5, 0.6)
     n_stalls = int(2 * half_len / stall_w)
     line_rgb = _jitter(rng, (215, 215, 210), 6)
+    marks = []
     for k in range(n_stalls + 1):
       x = -half_len + k * stall_w
       for row in (-1, 1):
         a = centre + e1 * x + normal * row * half_dep
         b = centre + e1 * x + normal * row * 0.1 * half_dep
-        cv.paint(_rasterize(s, lines=[(np.stack([a, b]), max(1.0, 0.05 * cv.car_len))]), line_rgb)
+        marks.append((np.stack([a, b]), max(1.0, 0.05 * cv.car_len)))
         if k < n_stalls:
           stalls.append((centre + e1 * (x + stall_w / 2) + normal * row * 0.55 * half_dep,
                          np.arctan2(normal[1], normal[0])))
+    cv.paint(_rasterize(s, lines=marks), line_rgb)
   return stalls
 
 
@@ -554,52 +563,55 @@ def _shadow_polygon(poly: np.ndarray, sun: np.ndarray, length: float) -> np.ndar
   return _convex_hull(np.concatenate([poly, poly + sun * length]))
 
 
-def _paint_car(cv: _Canvas, centre, angle, material: int, sun, shadow_dark) -> None:
-  rng, s = cv.rng, cv.size
-  half_l, half_w = cv.car_len / 2, cv.car_len * 0.22
-  e1 = np.array([np.cos(angle), np.sin(angle)])
-  body = _rect(centre, half_l, half_w, angle)
-  cv.shade(_rasterize(s, polygons=[_shadow_polygon(body, sun, 0.3 * cv.car_len)]),
-           shadow_dark + 0.1)
-  palette = [(225, 225, 228), (30, 30, 34), (165, 168, 172), (150, 35, 35), (40, 60, 130),
-             (90, 92, 96), (200, 190, 170)]
-  rgb = _jitter(rng, palette[rng.integers(len(palette))], 8)
-  reg = _rasterize(s, polygons=[body])
-  if reg is None:
-    return
-  cv.paint(reg, cv.texture(reg, rgb, 2, lo=0.0, hi=0.03, grain=2.0), material)
-  glass = rgb * 0.25 + 15
-  cv.paint(_rasterize(s, polygons=[_rect(centre + e1 * half_l * 0.4, half_l * 0.14,
-                                         half_w * 0.85, angle)]), glass)
-  cv.paint(_rasterize(s, polygons=[_rect(centre - e1 * half_l * 0.62, half_l * 0.09,
-                                         half_w * 0.8, angle)]), glass)
+_CAR_COLOURS = np.array([(225, 225, 228), (30, 30, 34), (165, 168, 172), (150, 35, 35),
+                         (40, 60, 130), (90, 92, 96), (200, 190, 170)], np.float32)
 
 
 def _paint_cars(cv: _Canvas, roads: list[_Road], stalls: list[tuple], style: SceneStyle,
                 sun, shadow_dark) -> None:
+  """Cars in lanes (aligned with traffic) and in parking stalls, all drawn in three calls."""
   rng, s = cv.rng, cv.size
-  centres = []
+  cars = []  # (centre, angle, material)
 
   def free(c):
     inside = -0.02 * s < c[0] < 1.02 * s and -0.02 * s < c[1] < 1.02 * s
-    return inside and all(np.linalg.norm(c - o) > 1.3 * cv.car_len for o in centres)
+    return inside and all(np.linalg.norm(c - o[0]) > 1.3 * cv.car_len for o in cars)
 
   for r in roads:
-    tangent = r.tangent
     for _ in range(rng.integers(style.cars_per_road[0], style.cars_per_road[1] + 1)):
       i = int(rng.integers(len(r.path)))
       side = _sign(rng)  # drive on the right: lane and heading go together
       c = r.path[i] + r.normal[i] * side * 0.25 * r.width[i]
-      if not free(c):
-        continue
-      angle = np.arctan2(tangent[i, 1], tangent[i, 0]) + (np.pi if side < 0 else 0.0)
-      centres.append(c)
-      _paint_car(cv, c, angle + rng.normal(0, 0.03), ROAD_CAR, sun, shadow_dark)
+      if free(c):
+        angle = np.arctan2(r.tangent[i, 1], r.tangent[i, 0]) + (np.pi if side < 0 else 0.0)
+        cars.append((c, angle + rng.normal(0, 0.03), ROAD_CAR))
   for c, angle in stalls:
     if rng.random() < 0.6 and free(c):
-      centres.append(c)
-      _paint_car(cv, c, angle + (np.pi if rng.random() < 0.5 else 0.0) + rng.normal(0, 0.04), CAR, sun,
-                 shadow_dark)
+      cars.append((c, angle + (np.pi if rng.random() < 0.5 else 0.0) + rng.normal(0, 0.04), CAR))
+  cars = cars[:255]
+  if not cars:
+    return
+  half_l, half_w = cv.car_len / 2, cv.car_len * 0.22
+  bodies, glass = [], []
+  for c, angle, _ in cars:
+    e1 = np.array([np.cos(angle), np.sin(angle)])
+    bodies.append(_rect(c, half_l, half_w, angle))
+    glass += [_rect(c + e1 * half_l * 0.4, half_l * 0.14, half_w * 0.85, angle),  # windscreen
+              _rect(c - e1 * half_l * 0.62, half_l * 0.09, half_w * 0.8, angle)]  # rear window
+  cv.shade(_rasterize(s, polygons=[_shadow_polygon(b, sun, 0.3 * cv.car_len) for b in bodies]),
+           shadow_dark + 0.1)
+  reg = _rasterize(s, polygons=bodies, ids=True)
+  if reg is None:
+    return
+  colours = np.clip(_CAR_COLOURS[rng.integers(len(_CAR_COLOURS), size=len(cars))]
+                    + rng.normal(0, 8, (len(cars), 3)), 0, 255).astype(np.float32)
+  colours = np.concatenate([np.zeros((1, 3), np.float32), colours])  # id 0: no car
+  materials = np.array([0] + [m for _, _, m in cars], np.uint8)
+  base = colours[reg.ids].transpose(2, 0, 1)
+  cv.paint(reg, cv.texture(reg, base, 2, lo=0.0, hi=0.03, grain=2.0), materials[reg.ids])
+  win = _rasterize(s, polygons=glass)
+  if win is not None:  # dark glass, keeping a little of the body colour
+    cv.shade(win, 0.3)
 
 
 def _paint_clutter(cv: _Canvas, style: SceneStyle, sun, shadow_len, shadow_dark) -> None:
@@ -640,121 +652,147 @@ def _roof_facets(part, kind: str) -> list[tuple[np.ndarray, np.ndarray]]:
           (np.stack([b + hw * e2, b - hw * e2, r0]), -e1)]
 
 
+def _footprint_is_free(cv: _Canvas, parts, gap: float) -> bool:
+  """Samples occupancy on a grid over each gap-enlarged part: far cheaper than rasterizing.
+
+  The grid pitch (≤ 0.02 of the side) is finer than the narrowest occupied band (a road
+  plus its margin), so a footprint cannot straddle a road between samples.
+  """
+  s = cv.size
+  for c, hl, hw, angle in parts:
+    e1 = np.array([np.cos(angle), np.sin(angle)])
+    e2 = np.array([-e1[1], e1[0]])
+    u = np.linspace(-1, 1, max(3, int(np.ceil(2 * (hl + gap) / (0.02 * s))) + 1))
+    v = np.linspace(-1, 1, max(3, int(np.ceil(2 * (hw + gap) / (0.02 * s))) + 1))
+    pts = (np.asarray(c) + (u[:, None, None] * (hl + gap)) * e1
+           + (v[None, :, None] * (hw + gap)) * e2).reshape(-1, 2)
+    xi = np.clip(pts[:, 0].astype(int), 0, s - 1)
+    yi = np.clip(pts[:, 1].astype(int), 0, s - 1)
+    if cv.occupied[yi, xi].any():
+      return False
+  return True
+
+
+_ROOF_COLOURS = [(165, 82, 62), (128, 70, 58), (92, 92, 102), (172, 170, 166), (205, 203, 196),
+                 (64, 64, 70), (120, 132, 120), (150, 120, 95)]
+
+
 def _paint_buildings(cv: _Canvas, roads: list[_Road], style: SceneStyle, sun, shadow_len,
                      shadow_dark) -> None:
+  """Rectangular and L-shaped buildings, mostly facing a street, with cast shadows."""
   rng, s, sc = cv.rng, cv.size, cv.scale
   target = rng.integers(style.num_buildings[0], style.num_buildings[1] + 1)
-  roof_palette = [(165, 82, 62), (128, 70, 58), (92, 92, 102), (172, 170, 166), (205, 203, 196),
-                  (64, 64, 70), (120, 132, 120), (150, 120, 95)]
-  light = -sun  # the lit side faces away from the shadows
-  placed = 0
+  buildings = []  # (parts, height)
   for _ in range(target * 4):
-    if placed >= target:
+    if len(buildings) >= target:
       break
     hl = rng.uniform(0.06, 0.15) * s * sc
     hw = hl * rng.uniform(0.45, 0.9)
     if roads and rng.random() < 0.75:  # face a street, as most buildings do
       r = roads[rng.integers(len(roads))]
       i = int(rng.integers(len(r.path)))
-      t = r.tangent[i]
-      angle = np.arctan2(t[1], t[0])
-      normal = r.normal[i] * _sign(rng)
+      angle = np.arctan2(r.tangent[i, 1], r.tangent[i, 0])
       setback = r.width[i] / 2 + r.sidewalk + rng.uniform(0.02, 0.08) * s + hw
-      c = r.path[i] + normal * setback
+      c = r.path[i] + r.normal[i] * _sign(rng) * setback
     else:
       c = rng.uniform(0, s, 2)
       angle = rng.uniform(0, np.pi)
     if not (-0.05 * s < c[0] < 1.05 * s and -0.05 * s < c[1] < 1.05 * s):
       continue
-    if cv.occupied[int(np.clip(c[1], 0, s - 1)), int(np.clip(c[0], 0, s - 1))]:
-      continue  # cheap early rejection before rasterizing the footprint
-    e1 = np.array([np.cos(angle), np.sin(angle)])
-    e2 = np.array([-e1[1], e1[0]])
     parts = [(c, hl, hw, angle)]
     if rng.random() < 0.35:  # L-shape: a perpendicular wing at one end
+      e1 = np.array([np.cos(angle), np.sin(angle)])
+      e2 = np.array([-e1[1], e1[0]])
       bw = hw * rng.uniform(0.5, 0.8)
       wl = hw * rng.uniform(0.5, 1.2)
-      sx, sy = _sign(rng), _sign(rng)
-      wc = c + e1 * sx * (hl - bw) + e2 * sy * (hw + wl) / 2
+      wc = c + e1 * _sign(rng) * (hl - bw) + e2 * _sign(rng) * (hw + wl) / 2
       half = (hw + wl) / 2
       parts.append((wc, half, bw, angle + np.pi / 2) if half >= bw else (wc, bw, half, angle))
-    gap = 0.015 * s
-    test = _rasterize(s, polygons=[_rect(p[0], p[1] + gap, p[2] + gap, p[3]) for p in parts])
-    if test is None or cv.free_fraction(test) < 0.995:
+    if not _footprint_is_free(cv, parts, 0.015 * s):
       continue
-    placed += 1
-    height = rng.uniform(0.05, 0.12) * s * sc
-    for p in parts:
-      cv.shade(_rasterize(s, polygons=[_shadow_polygon(_rect(*p), sun, shadow_len * height)]),
-               shadow_dark)
-    rgb = _jitter(rng, roof_palette[rng.integers(len(roof_palette))], 12)
-    big = hl > 0.11 * s * sc
+    foot = _rasterize(s, polygons=[_rect(*p) for p in parts])
+    if foot is None:
+      continue
+    cv.occupied[foot.ys, foot.xs] |= foot.mask
+    buildings.append((parts, rng.uniform(0.05, 0.12) * s * sc))
+  if not buildings:
+    return
+  # One pass for all shadows: where two overlap the ground is not darkened twice.
+  cv.shade(_rasterize(s, polygons=[_shadow_polygon(_rect(*p), sun, shadow_len * h)
+                                   for parts, h in buildings for p in parts]), shadow_dark)
+  light = -sun  # the lit side faces away from the shadows
+  for parts, _ in buildings:
+    rgb = _jitter(rng, _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))], 12)
+    big = parts[0][1] > 0.11 * s * sc
     kind = rng.choice(["flat", "gable", "hip"], p=[0.7, 0.3, 0.0] if big else [0.25, 0.45, 0.3])
     if kind == "hip" and len(parts) > 1:
       kind = "gable"
     tiled = kind != "flat" and rng.random() < 0.7
     for p in parts:
-      foot = _rasterize(s, polygons=[_rect(*p)])
-      if foot is None:
-        continue
-      base = cv.texture(foot, rgb, 4, lo=0.04, hi=0.05, grain=3.0)
-      if kind == "flat":
-        x, y = foot.grid()
-        grad = 1 + 0.05 * ((x - p[0][0]) * light[0] + (y - p[0][1]) * light[1]) / p[1]
-        cv.paint(foot, base * 1.12, BUILDING, occupy=True)  # parapet
-        inset = min(0.12 * p[2], 0.012 * s)
-        inner = _rasterize(s, polygons=[_rect(p[0], p[1] - inset, p[2] - inset, p[3])])
-        if inner is not None:
-          inner_base = cv.texture(inner, rgb, 4, lo=0.04, hi=0.05, grain=3.0)
-          x, y = inner.grid()
-          grad = 1 + 0.05 * ((x - p[0][0]) * light[0] + (y - p[0][1]) * light[1]) / p[1]
-          cv.paint(inner, inner_base * grad[None], BUILDING)
-        for _ in range(rng.integers(0, 4)):  # rooftop units with their own small shadows
-          uc = p[0] + rng.uniform(-0.6, 0.6) * p[1] * np.array([np.cos(p[3]), np.sin(p[3])]) \
-              + rng.uniform(-0.5, 0.5) * p[2] * np.array([-np.sin(p[3]), np.cos(p[3])])
-          us = rng.uniform(0.1, 0.2) * p[2]
-          unit = _rect(uc, us, us * rng.uniform(0.6, 1.0), p[3])
-          cv.shade(_rasterize(s, polygons=[_shadow_polygon(unit, sun, us)]), 0.7)
-          cv.paint(_rasterize(s, polygons=[unit]), _jitter(rng, (190, 190, 188), 10))
-      else:
-        for poly, n in _roof_facets(p, kind):
-          reg = _rasterize(s, polygons=[poly])
-          if reg is None:
-            continue
-          f = 1.0 + 0.3 * float(n @ light)
-          col = base[:, reg.ys.start - foot.ys.start:reg.ys.stop - foot.ys.start,
-                     reg.xs.start - foot.xs.start:reg.xs.stop - foot.xs.start]
-          if col.shape[1:] != reg.mask.shape:  # facet crop clipped differently: re-texture
-            col = cv.texture(reg, rgb, 4, lo=0.04, hi=0.05, grain=3.0)
-          if tiled:  # tile rows run parallel to the ridge
-            x, y = reg.grid()
-            period = max(2.0, 0.012 * s)
-            col = col * (1 + 0.06 * np.sin(2 * np.pi * (x * n[0] + y * n[1]) / period))[None]
-          cv.paint(reg, col * f, BUILDING, occupy=True)
-        if kind == "gable":
-          e1 = np.array([np.cos(p[3]), np.sin(p[3])])
-          ridge = np.stack([p[0] + p[1] * e1, p[0] - p[1] * e1])
-          cv.paint(_rasterize(s, lines=[(ridge, max(1.0, 0.006 * s))]), rgb * 1.15)
-      cv.occupied[foot.ys, foot.xs] |= foot.mask
+      _paint_roof(cv, p, kind, tiled, rgb, light, sun)
+
+
+def _paint_roof(cv: _Canvas, part, kind: str, tiled: bool, rgb, light, sun) -> None:
+  """One rectangular roof part: facets shaded by their slope's facing, in one raster call."""
+  rng, s = cv.rng, cv.size
+  c, hl, hw, angle = part
+  if kind == "flat":
+    inset = min(0.12 * hw, 0.012 * s)
+    polys = [_rect(*part), _rect(c, hl - inset, hw - inset, angle)]  # parapet, then roof deck
+    factors = np.array([1.0, 1.12, 1.0], np.float32)
+  else:
+    facets = _roof_facets(part, kind)
+    polys = [poly for poly, _ in facets]
+    normals = np.concatenate([np.zeros((1, 2)), np.stack([n for _, n in facets])])
+    factors = (1.0 + 0.3 * normals @ light).astype(np.float32)
+  reg = _rasterize(s, polygons=polys, ids=True)
+  if reg is None:
+    return
+  x, y = reg.grid()
+  f = factors[reg.ids]
+  if kind == "flat":  # a gentle brightness gradient toward the sun
+    f = f * (1 + 0.05 * ((x - c[0]) * light[0] + (y - c[1]) * light[1]) / hl)
+  elif tiled:  # tile rows run parallel to the ridge
+    nx, ny = normals[reg.ids, 0], normals[reg.ids, 1]
+    f = f * (1 + 0.06 * np.sin(2 * np.pi * (x * nx + y * ny) / max(2.0, 0.012 * s)))
+  col = cv.texture(reg, rgb, 4, lo=0.04, hi=0.05, grain=3.0)
+  cv.paint(reg, col * f[None], BUILDING, occupy=True)
+  if kind == "gable":
+    e1 = np.array([np.cos(angle), np.sin(angle)])
+    ridge = np.stack([c + hl * e1, c - hl * e1])
+    cv.paint(_rasterize(s, lines=[(ridge, max(1.0, 0.006 * s))]), rgb * 1.15)
+  elif kind == "flat":  # rooftop units (air conditioning, skylights) with small shadows
+    e1 = np.array([np.cos(angle), np.sin(angle)])
+    e2 = np.array([-e1[1], e1[0]])
+    units = []
+    for _ in range(rng.integers(0, 4)):
+      us = rng.uniform(0.1, 0.2) * hw
+      uc = c + rng.uniform(-0.6, 0.6) * hl * e1 + rng.uniform(-0.5, 0.5) * hw * e2
+      units.append((_rect(uc, us, us * rng.uniform(0.6, 1.0), angle), us))
+    if units:
+      cv.shade(_rasterize(s, polygons=[_shadow_polygon(u, sun, us) for u, us in units]), 0.7)
+      cv.paint(_rasterize(s, polygons=[u for u, _ in units]), _grey(rng, 190, 10))
+
+
+_TREE_COLOURS = np.array([(52, 80, 42), (62, 90, 48), (44, 66, 40), (72, 92, 52)], np.float32)
 
 
 def _paint_trees(cv: _Canvas, roads: list[_Road], style: SceneStyle, sun, shadow_len,
                  shadow_dark) -> None:
+  """Street-tree rows and clumps; all shadows, then all crowns, each in one raster call."""
   rng, s, sc = cv.rng, cv.size, cv.scale
   crowns = []  # (centre, radius)
   for _ in range(rng.integers(style.num_tree_clusters[0], style.num_tree_clusters[1] + 1)):
     r0 = rng.uniform(0.025, 0.05) * s * sc
     if roads and rng.random() < 0.4:  # a row of street trees along the kerb
       r = roads[rng.integers(len(roads))]
-      normal = r.normal
       side = _sign(rng)
       seg = np.linalg.norm(np.diff(r.path, axis=0), axis=1).mean()
       step = max(1, int(rng.uniform(2.2, 3.2) * r0 / seg))
       i0 = int(rng.integers(len(r.path)))
-      idx = range(i0, min(len(r.path), i0 + step * int(rng.integers(2, 8))), step)
-      for i in idx:
+      for i in range(i0, min(len(r.path), i0 + step * int(rng.integers(2, 8))), step):
         off = r.width[i] / 2 + r.sidewalk + r0 * rng.uniform(0.2, 0.9)
-        crowns.append((r.path[i] + normal[i] * side * off, r0 * rng.uniform(0.85, 1.15)))
+        crowns.append((r.path[i] + r.normal[i] * side * off, r0 * rng.uniform(0.85, 1.15)))
     else:  # a clump of trees
       c = rng.uniform(0, s, 2)
       k = int(rng.integers(1, 10))
@@ -766,21 +804,26 @@ def _paint_trees(cv: _Canvas, roads: list[_Road], style: SceneStyle, sun, shadow
     x, y = int(np.clip(c[0], 0, s - 1)), int(np.clip(c[1], 0, s - 1))
     if cv.material[y, x] not in (BUILDING, ROAD, ROAD_CAR, WATER):
       keep.append((c, r, _blob(rng, c, r, n=18, roughness=0.18)))
-  for c, r, outline in keep:
-    cv.shade(_rasterize(s, polygons=[outline + sun * r * shadow_len * 1.2]), shadow_dark)
-  palette = [(52, 80, 42), (62, 90, 48), (44, 66, 40), (72, 92, 52)]
-  light = -sun
-  for c, r, outline in keep:
-    reg = _rasterize(s, polygons=[outline])
-    if reg is None:
-      continue
-    rgb = _jitter(rng, palette[rng.integers(len(palette))], 6)
-    col = cv.texture(reg, rgb, 5, lo=0.05, hi=0.14, grain=6.0)
-    x, y = reg.grid()
-    dx, dy = (x - c[0]) / r, (y - c[1]) / r
-    lit = np.clip(dx * light[0] + dy * light[1], -1, 1)
-    rr = np.minimum(dx * dx + dy * dy, 1.0)
-    cv.paint(reg, col * ((1 + 0.3 * lit) * (1 - 0.2 * rr))[None], TREE)
+  keep = keep[:255]
+  if not keep:
+    return
+  cv.shade(_rasterize(s, polygons=[o + sun * r * shadow_len * 1.2 for _, r, o in keep]),
+           shadow_dark)
+  reg = _rasterize(s, polygons=[o for _, _, o in keep], ids=True)
+  if reg is None:
+    return
+  # Per-crown tables, looked up by the id of the crown on top at each pixel (row 0: none).
+  centres = np.concatenate([np.zeros((1, 2)), np.stack([c for c, _, _ in keep])])
+  radii = np.array([1.0] + [r for _, r, _ in keep])
+  colours = np.clip(_TREE_COLOURS[rng.integers(len(_TREE_COLOURS), size=len(keep) + 1)]
+                    + rng.normal(0, 6, (len(keep) + 1, 3)), 0, 255).astype(np.float32)
+  x, y = reg.grid()
+  dx = (x - centres[reg.ids, 0]) / radii[reg.ids]
+  dy = (y - centres[reg.ids, 1]) / radii[reg.ids]
+  lit = np.clip(dx * -sun[0] + dy * -sun[1], -1, 1)  # the sun-facing side of a crown is bright
+  rim = np.minimum(dx * dx + dy * dy, 1.0)  # and its edge darker
+  col = cv.texture(reg, colours[reg.ids].transpose(2, 0, 1), 5, lo=0.05, hi=0.14, grain=6.0)
+  cv.paint(reg, col * ((1 + 0.3 * lit) * (1 - 0.2 * rim)).astype(np.float32)[None], TREE)
 
 
 def _mode_downsample_2x2(material: np.ndarray) -> np.ndarray:
