@@ -164,8 +164,9 @@ class ResNet(nn.Module):
         strides = 1
       for i in range(num_blocks):
         # torchvision gives the first block of a newly dilated stage the *previous* dilation.
-        x = ResidualBlock(cfg.block, width, strides if i == 0 else 1,
-                          previous_dilation if i == 0 else dilation, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=f"layer{stage + 1}_{i}")(x, train=train)
+        block = ResidualBlock(cfg.block, width, strides if i == 0 else 1,
+                              previous_dilation if i == 0 else dilation, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=f"layer{stage + 1}_{i}")
+        x = block(x, train=train)
       features[f"layer{stage + 1}"] = x
     return features
