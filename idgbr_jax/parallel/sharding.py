@@ -71,10 +71,12 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
     if n % known:
       raise ValueError(f"mesh_shape {sizes} does not divide {n} devices")
     sizes[sizes.index(-1)] = n // known
-  if math.prod(sizes) != n:
-    raise ValueError(f"mesh_shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+  needed = math.prod(sizes)
+  if needed > n:
+    raise ValueError(f"mesh_shape {dict(zip(MESH_AXES, sizes))} needs {needed} devices, "
                      f"but {n} are available")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  # An explicit smaller mesh uses the first devices (e.g. a 1-device reference run).
+  return Mesh(np.asarray(devices[:needed]).reshape(sizes), MESH_AXES)
 
 
 def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:

@@ -1,0 +1,34 @@
+"""idgbr predict --workdir=STAGE1_DIR [--splits=train,test] [--out_dir=DIR] [--num_folds=K]
+
+Writes Stage I coarse maps as index PNGs `<out_dir>/<split>/<id>.png` (default
+`<workdir>/coarse`). `--num_folds=K` cross-fits the train split (K fold models are trained
+under `<workdir>/folds/` if missing) so train coarse maps look like test ones.
+"""
+import os
+
+from absl import flags
+
+from idgbr_jax.commands import _runtime
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Stage I run directory (with checkpoints/).")
+_SPLITS = flags.DEFINE_list("splits", ["train", "test"], "Splits to predict.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (default <workdir>/coarse).")
+_NUM_FOLDS = flags.DEFINE_integer("num_folds", 0, "k-fold cross-fitting of the train split.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  _runtime.setup()
+  from idgbr_jax.inference import stage1 as infer  # pylint: disable=import-outside-toplevel
+  from idgbr_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(_WORKDIR.value)
+  out_dir = _OUT_DIR.value or os.path.join(workdir, "coarse")
+  config = checkpoints.load_config(os.path.join(workdir, "checkpoints"))
+  for split in _SPLITS.value:
+    if split == config.data.train_split and _NUM_FOLDS.value:
+      n = infer.predict_cross_fitted(workdir, out_dir, _NUM_FOLDS.value, config)
+    else:
+      n = infer.predict_split(workdir, split, out_dir, config=config)
+    print(f"{split}: {n} coarse maps -> {os.path.join(out_dir, split)}")

@@ -1,0 +1,1 @@
+"""Input pipeline: TFDS random-access sources -> grain transforms -> global sharded arrays."""

@@ -1,0 +1,106 @@
+"""grain pipelines over TFDS sources, and the one place host batches become global jax.Arrays.
+
+Each process reads a disjoint slice of the records (`process_index::process_count`), batches
+`global_batch // process_count` examples, and `to_global` assembles the global array from every
+process's piece with `jax.make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from idgbr_jax.data import sources, transforms
+from idgbr_jax.parallel import sharding
+
+
+def fold_indices(n: int, num_folds: int, fold: int, seed: int, *, held_out: bool) -> np.ndarray:
+  """Record indices of the k-fold split: examples are assigned to folds by a seeded permutation."""
+  if not 0 <= fold < num_folds:
+    raise ValueError(f"config.data.fold={fold} must be in [0, num_folds={num_folds})")
+  assignment = np.random.default_rng([seed, num_folds]).permutation(n) % num_folds
+  return np.flatnonzero((assignment == fold) == held_out)
+
+
+def _base_dataset(cfg: ml_collections.ConfigDict, split: str, num_classes: int,
+                  coarse_dir: str | None = None, indices: np.ndarray | None = None):
+  source = sources.get_source(cfg, split)
+  if indices is not None:
+    source = sources.Subset(source, indices)
+  ds = grain.MapDataset.source(source)
+  ds = ds.map(transforms.ParseExample(num_classes, cfg.ignore_index, cfg.binarize_labels))
+  if coarse_dir:
+    ds = ds.map(transforms.AttachCoarse(coarse_dir, num_classes))
+  return ds
+
+
+def train_dataset(config: ml_collections.ConfigDict, num_classes: int, *,
+                  coarse_dir: str | None = None) -> grain.IterDataset:
+  """Infinite, shuffled, augmented per-process batches for training (deterministic in seed)."""
+  cfg = config.data
+  indices = None
+  if cfg.num_folds:
+    n = len(sources.get_source(cfg, cfg.train_split))
+    indices = fold_indices(n, cfg.num_folds, cfg.fold, config.seed, held_out=False)
+  ds = _base_dataset(cfg, cfg.train_split, num_classes, coarse_dir, indices)
+  ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds.shuffle(seed=config.seed)
+  if cfg.crop_size:
+    ds = ds.random_map(transforms.RandomCrop(cfg.crop_size), seed=config.seed + 1)
+  if cfg.augment in ("flip", "fliprot"):
+    ds = ds.random_map(transforms.RandomFlipRot(rotate=cfg.augment == "fliprot"),
+                       seed=config.seed + 2)
+  elif cfg.augment != "none":
+    raise ValueError(f"config.data.augment={cfg.augment!r}; allowed: none, flip, fliprot")
+  ds = ds.map(transforms.Normalize(cfg.normalization))
+  ds = ds.repeat()  # reseeds shuffle and augmentation every epoch
+  ds = ds.batch(per_process_batch(config.batch_size), drop_remainder=True)
+  read = grain.ReadOptions(num_threads=max(1, cfg.num_workers), prefetch_buffer_size=2)
+  if cfg.num_workers > 0:
+    return ds.to_iter_dataset(read).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+  return ds.to_iter_dataset(read)
+
+
+def eval_dataset(config: ml_collections.ConfigDict, split: str, num_classes: int, *,
+                 coarse_dir: str | None = None, indices: np.ndarray | None = None,
+                 normalize: bool = True) -> grain.MapDataset:
+  """Unbatched, unaugmented examples of `split` in order, with their `id` (all processes)."""
+  ds = _base_dataset(config.data, split, num_classes, coarse_dir, indices)
+  if normalize:
+    ds = ds.map(transforms.Normalize(config.data.normalization, keep_id=True))
+  return ds
+
+
+def per_process_batch(global_batch: int) -> int:
+  if global_batch % jax.process_count():
+    raise ValueError(f"batch size {global_batch} not divisible by {jax.process_count()} processes")
+  return global_batch // jax.process_count()
+
+
+def eval_batches(ds: grain.MapDataset, batch_size: int, keys=("image", "label", "coarse")
+                 ) -> Iterator[tuple[dict[str, np.ndarray], list[str], int]]:
+  """Fixed-size host batches of `ds` (the last one zero-padded) with ids and the valid count."""
+  n = len(ds)
+  for start in range(0, n, batch_size):
+    items = [ds[i] for i in range(start, min(start + batch_size, n))]
+    valid = len(items)
+    batch = {}
+    for k in keys:
+      if k in items[0]:
+        arr = np.stack([it[k] for it in items])
+        if valid < batch_size:
+          pad = np.zeros((batch_size - valid,) + arr.shape[1:], arr.dtype)
+          arr = np.concatenate([arr, pad])
+        batch[k] = arr
+    yield batch, [it["id"] for it in items], valid
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES
+              ) -> dict[str, jax.Array]:
+  """Host-local batch pieces -> global arrays sharded along 'batch' over the mesh."""
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim, rules), v)
+          for k, v in batch.items()}

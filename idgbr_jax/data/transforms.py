@@ -1,0 +1,144 @@
+"""grain transforms. Image, label and coarse map are augmented together (paired)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from idgbr_jax.data.sources import DataError, as_label_map
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+NORMALIZATIONS = ("imagenet", "minus_one_one", "unit")
+
+Example = dict[str, Any]
+
+
+def _id(example: Example) -> str:
+  value = example.get("id", "?")
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_label(label: np.ndarray, num_classes: int, ignore_index: int, where: str) -> None:
+  bad = (label >= num_classes) & (label != ignore_index) | (label < 0)
+  if bad.any():
+    values = sorted(set(np.unique(label[bad]).tolist()))
+    raise DataError(f"{where}: label values {values[:10]} outside [0, {num_classes}) "
+                    f"(ignore_index={ignore_index})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParseExample(grain.transforms.Map):
+  """TFDS record -> {'image': uint8 HWC, 'label': int32 HW, 'id': str}, with label checks."""
+  num_classes: int
+  ignore_index: int = 255
+  binarize_labels: bool = False
+
+  def map(self, element: Example) -> Example:
+    image = np.asarray(element["image"])
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise DataError(f"example {_id(element)}: image shape {image.shape}, expected (H,W,3)")
+    label = as_label_map(element["label"])
+    if label.shape != image.shape[:2]:
+      raise DataError(f"example {_id(element)}: label shape {label.shape} != image "
+                      f"{image.shape[:2]}")
+    if self.binarize_labels:
+      label = np.where(label == self.ignore_index, label, (label != 0).astype(np.int32))
+    check_label(label, self.num_classes, self.ignore_index, f"example {_id(element)}")
+    out = {"image": image, "label": label, "id": _id(element)}
+    if "coarse" in element:
+      out["coarse"] = as_label_map(element["coarse"])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AttachCoarse(grain.transforms.Map):
+  """Adds `coarse` (a Stage I map) read from `<coarse_dir>/<id>.png`; a missing file is an error."""
+  coarse_dir: str
+  num_classes: int
+
+  def map(self, element: Example) -> Example:
+    path = os.path.join(self.coarse_dir, f"{element['id']}.png")
+    try:
+      with Image.open(path) as im:
+        coarse = np.asarray(im).astype(np.int32)
+    except FileNotFoundError as e:
+      raise DataError(f"coarse map missing for example {element['id']}: {path}") from e
+    except Exception as e:  # noqa: BLE001
+      raise DataError(f"cannot read coarse map {path}: {e}") from e
+    if coarse.ndim == 3:
+      coarse = coarse[..., 0]
+    if coarse.shape != element["label"].shape:
+      raise DataError(f"coarse map {path} has shape {coarse.shape}, label has "
+                      f"{element['label'].shape}")
+    check_label(coarse, self.num_classes, -1, f"coarse map {path}")
+    return {**element, "coarse": coarse}
+
+
+_SPATIAL_KEYS = ("image", "label", "coarse")
+
+
+def _apply(element: Example, fn) -> Example:
+  return {k: (np.ascontiguousarray(fn(v)) if k in _SPATIAL_KEYS else v) for k, v in element.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFlipRot(grain.transforms.RandomMap):
+  """Paired flip in {h, v, both, none, none} (the original's legacy loader) and rot90 k in 0..3."""
+  rotate: bool = True
+
+  def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+    choice = rng.integers(5)
+    k = int(rng.integers(4)) if self.rotate else 0
+    def fn(a):
+      if choice in (0, 2):
+        a = a[:, ::-1]
+      if choice in (1, 2):
+        a = a[::-1]
+      if k and a.shape[0] == a.shape[1]:
+        a = np.rot90(a, k, axes=(0, 1))
+      return a
+    return _apply(element, fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCrop(grain.transforms.RandomMap):
+  """Paired random crop to size x size (no-op when the example is already that size)."""
+  size: int
+
+  def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+    h, w = element["label"].shape
+    if h < self.size or w < self.size:
+      raise DataError(f"example {element.get('id')}: {h}x{w} smaller than crop {self.size}")
+    y = int(rng.integers(h - self.size + 1))
+    x = int(rng.integers(w - self.size + 1))
+    return _apply(element, lambda a: a[y:y + self.size, x:x + self.size])
+
+
+def normalize_image(image: np.ndarray, mode: str) -> np.ndarray:
+  """uint8 HWC -> float32. 'imagenet' reproduces the original, which feeds the same tensor to
+  the SD VAE (that expects [-1, 1]) and to DINOv2."""
+  x = image.astype(np.float32) / 255.0
+  if mode == "imagenet":
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+  if mode == "minus_one_one":
+    return x * 2.0 - 1.0
+  if mode == "unit":
+    return x
+  raise ValueError(f"config.data.normalization={mode!r}; allowed: {NORMALIZATIONS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize(grain.transforms.Map):
+  """Image to float32 with the configured normalisation; optionally drops the string id."""
+  mode: str = "imagenet"
+  keep_id: bool = False
+
+  def map(self, element: Example) -> Example:
+    out = {k: v for k, v in element.items() if k != "id" or self.keep_id}
+    out["image"] = normalize_image(element["image"], self.mode)
+    return out

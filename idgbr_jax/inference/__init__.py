@@ -1,0 +1,1 @@
+"""Inference: Stage I coarse maps and Stage II refinement, from saved checkpoints."""

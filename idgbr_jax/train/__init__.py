@@ -1,0 +1,1 @@
+"""Trainers: Stage I (discriminative segmenter) and Stage II (the IDGBR refiner)."""
