@@ -167,6 +167,11 @@ def test_build_reads_back_exactly_what_the_generator_makes(tmp_path):
   np.testing.assert_array_equal(from_dir[1]["label"], test[1]["label"])
   via_helper = srs.data_source(str(tmp_path), "test", **kwargs)
   np.testing.assert_array_equal(via_helper[0]["image"], test[0]["image"])
+  grain = pytest.importorskip("grain")  # the input pipeline reads it like this
+  batches = grain.MapDataset.source(train).map(srs.label_map).batch(5)
+  np.testing.assert_array_equal(
+      batches[0], np.stack([scenes.generate_example("binary_roads", 32, 1, "train", i)[1]
+                            for i in range(5)]))
 
 
 def test_builds_are_deterministic_idempotent_and_do_not_collide(tmp_path):

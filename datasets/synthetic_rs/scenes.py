@@ -277,6 +277,7 @@ class _Canvas:
     self.car_len = rng.uniform(0.045, 0.06) * size * scale  # one car model size per scene
 
   def _field(self, field: np.ndarray, variant: int) -> np.ndarray:
+    """One of 8 flips/transposes of a texture field (views: no copy)."""
     if variant & 1:
       field = field.T
     if variant & 2:
@@ -329,6 +330,7 @@ class _Canvas:
     np.multiply(crop, np.float32(factor), out=crop, where=region.mask[None])
 
   def free_fraction(self, region: _Region | None) -> float:
+    """Fraction of the region not yet occupied (0 for an empty region)."""
     if region is None:
       return 0.0
     return 1.0 - self.occupied[region.ys, region.xs][region.mask].mean()
@@ -336,6 +338,7 @@ class _Canvas:
 
 @dataclasses.dataclass
 class _Road:
+  """A carriageway: centre line, per-vertex width, sidewalks."""
   path: np.ndarray  # (N,2) centre line
   width: np.ndarray  # (N,) carriageway width
   sidewalk: float  # sidewalk width on each side (0: none)
@@ -350,7 +353,6 @@ def render_scene(rng: np.random.Generator, image_size: int,
   """Paints one scene; returns (image uint8 (S,S,3), material uint8 (S,S))."""
   size = image_size * _SUPERSAMPLE
   cv = _Canvas(rng, size, style.object_scale)
-  sc = style.object_scale
   ang = rng.uniform(0, 2 * np.pi)
   sun = np.array([np.cos(ang), np.sin(ang)])  # direction shadows are cast in
   shadow_len = rng.uniform(0.5, 1.3)  # shadow length per unit of object height
@@ -518,7 +520,7 @@ def _paint_roads(cv: _Canvas, style: SceneStyle, urban: bool) -> list[_Road]:
 
 def _paint_parking_lots(cv: _Canvas, roads: list[_Road], urban: bool) -> list[tuple]:
   """Paved lots beside roads with marked stalls; returns the stalls as (centre, angle)."""
-  rng, s, sc = cv.rng, cv.size, cv.scale
+  rng, s = cv.rng, cv.size
   stalls = []
   for _ in range(rng.integers(0, 3 if urban else 2)):
     r = roads[rng.integers(len(roads))]
@@ -699,6 +701,8 @@ def _paint_buildings(cv: _Canvas, roads: list[_Road], style: SceneStyle, sun, sh
       angle = rng.uniform(0, np.pi)
     if not (-0.05 * s < c[0] < 1.05 * s and -0.05 * s < c[1] < 1.05 * s):
       continue
+    if cv.occupied[int(np.clip(c[1], 0, s - 1)), int(np.clip(c[0], 0, s - 1))]:
+      continue  # cheap early rejection: the centre alone is already taken
     parts = [(c, hl, hw, angle)]
     if rng.random() < 0.35:  # L-shape: a perpendicular wing at one end
       e1 = np.array([np.cos(angle), np.sin(angle)])
@@ -724,7 +728,9 @@ def _paint_buildings(cv: _Canvas, roads: list[_Road], style: SceneStyle, sun, sh
   for parts, _ in buildings:
     rgb = _jitter(rng, _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))], 12)
     big = parts[0][1] > 0.11 * s * sc
-    kind = rng.choice(["flat", "gable", "hip"], p=[0.7, 0.3, 0.0] if big else [0.25, 0.45, 0.3])
+    u = rng.random()  # big buildings mostly have flat roofs, houses pitched ones
+    kind = ("flat" if u < 0.7 else "gable") if big else (
+        "flat" if u < 0.25 else "gable" if u < 0.7 else "hip")
     if kind == "hip" and len(parts) > 1:
       kind = "gable"
     tiled = kind != "flat" and rng.random() < 0.7
