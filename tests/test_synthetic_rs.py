@@ -202,8 +202,7 @@ def test_default_configs_build_time(tmp_path):
   """Builds the predefined configs as a user would (tfds.data_source by name) and times them."""
   for name in ("binary_roads", "multiclass6"):
     start = time.perf_counter()
-    source = tfds.data_source(f"synthetic_rs/{name}", data_dir=str(tmp_path), split="train",
-                              builder_kwargs={"file_format": "array_record"})
+    source = tfds.data_source(f"synthetic_rs/{name}", data_dir=str(tmp_path), split="train")
     seconds = time.perf_counter() - start
     cfg = srs.SyntheticRs.builder_configs[name]
     print(f"\nsynthetic_rs/{name}: {cfg.num_train}+{cfg.num_test} examples at "

@@ -65,6 +65,11 @@ class SyntheticRs(tfds.core.GeneratorBasedBuilder):
   ]
   DEFAULT_BUILDER_CONFIG_NAME = "multiclass6"
 
+  def __init__(self, *, file_format=None, **kwargs):
+    # Default to ArrayRecord so that `tfds.data_source("synthetic_rs/...")` works without
+    # builder_kwargs: tfds' default, TFRecord, has no random access.
+    super().__init__(file_format=file_format or "array_record", **kwargs)
+
   @tfds_utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:
