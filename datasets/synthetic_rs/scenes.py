@@ -416,8 +416,9 @@ def _paint_water(cv: _Canvas) -> None:
     reg = _rasterize(s, polygons=[_blob(rng, rng.uniform(0, s, 2), rng.uniform(0.12, 0.3) * s,
                                         n=48, roughness=0.3)])
   else:  # river: a wide smooth curve across the image
-    ctrl = _crossing_curve(rng, s, bend=0.2)
-    reg = _rasterize(s, lines=[(_bezier(ctrl, 48), rng.uniform(0.08, 0.18) * s)])
+    path = _bezier(_crossing_curve(rng, s, bend=0.2), 48)
+    width = rng.uniform(0.08, 0.18) * s * (1 + 0.2 * np.sin(np.linspace(0, rng.uniform(2, 6), 48)))
+    reg = _variable_line(path, width, s)  # PIL's wide lines leave specks at the joints
   if reg is not None:
     col = cv.texture(reg, deep, 4, lo=0.05, hi=0.02, grain=1.5, rgb2=shallow, mix=1.0)
     cv.paint(reg, col, WATER, occupy=True)
