@@ -70,7 +70,7 @@ def test_multiclass6_covers_the_isprs_classes(multiclass64):
 def test_binary_roads_are_thin_elongated_structures(roads64):
   ndimage = pytest.importorskip("scipy.ndimage")
   size = 64
-  fractions = []
+  fractions, extents = [], []
   for _, label in roads64:
     assert set(np.unique(label).tolist()) <= {0, 1}
     road = label == 1
@@ -80,9 +80,12 @@ def test_binary_roads_are_thin_elongated_structures(roads64):
     # Thin: no road pixel lies far from the background (half-width ≲ 0.1 × side) ...
     half_width = ndimage.distance_transform_edt(np.pad(road, 1)).max()
     assert half_width <= 0.1 * size, half_width
-    # ... yet roads run a long way (they cross the tile or join one that does).
+    # ... and elongated: the network spans several road widths (a blob spans about one).
     ys, xs = np.nonzero(road)
-    assert max(np.ptp(ys), np.ptp(xs)) >= 0.5 * size
+    extents.append(max(np.ptp(ys), np.ptp(xs)) + 1)
+    if road.mean() > 0.02:  # skip a road that merely clips a corner
+      assert extents[-1] >= 3 * 2 * half_width, (extents[-1], half_width)
+  assert np.median(extents) >= 0.5 * size  # most roads cross the tile (some clip a corner)
   assert sum(f > 0 for f in fractions) >= 7  # nearly every tile has a road, as in CHN6-CUG
   assert 0.03 <= np.mean(fractions) <= 0.3, fractions
 
