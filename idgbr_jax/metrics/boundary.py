@@ -1,0 +1,162 @@
+"""Morphology for the boundary metrics: the original's Sobel edge band, and binary filters.
+
+Everything works on batched maps [..., H, W] and is exact integer / boolean arithmetic, so it
+matches OpenCV bit for bit (tests compare with cv2.Sobel / cv2.dilate / cv2.morphologyEx).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Outside-band marker of the original edge maps; a raw value >= 255 inside the band is
+# indistinguishable from "outside" after the `lt255` binarisation.
+OUTSIDE_BAND = 255
+
+
+def _shift(x: jax.Array, dy: int, dx: int, fill) -> jax.Array:
+  """y[i, j] = x[i + dy, j + dx], `fill` where that falls outside the map."""
+  height, width = x.shape[-2:]
+  lead = [(0, 0)] * (x.ndim - 2)
+  py, px = abs(dy), abs(dx)
+  padded = jnp.pad(x, lead + [(py, py), (px, px)], constant_values=fill)
+  return padded[..., py + dy:py + dy + height, px + dx:px + dx + width]
+
+
+def sobel_nonzero(label: jax.Array) -> jax.Array:
+  """`hypot(Sobel_x, Sobel_y) > 0` of a uint8 label map, OpenCV's ksize=3, BORDER_REFLECT_101.
+
+  Args:
+    label: integer map [..., H, W] (H, W >= 2). Values are taken modulo 256, as `np.uint8(label)`
+      does in the original.
+
+  Returns:
+    bool [..., H, W].
+  """
+  x = jnp.bitwise_and(jnp.asarray(label).astype(jnp.int32), 255)
+  lead = [(0, 0)] * (x.ndim - 2)
+  # numpy/jnp 'reflect' excludes the edge sample: gfedcb|abcdefgh|gfedcba = cv2 REFLECT_101.
+  p = jnp.pad(x, lead + [(1, 1), (1, 1)], mode="reflect")
+  height, width = x.shape[-2:]
+
+  def at(dy, dx):
+    return p[..., 1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+
+  gx = (at(-1, 1) - at(-1, -1)) + 2 * (at(0, 1) - at(0, -1)) + (at(1, 1) - at(1, -1))
+  gy = (at(1, -1) - at(-1, -1)) + 2 * (at(1, 0) - at(-1, 0)) + (at(1, 1) - at(-1, 1))
+  return (gx != 0) | (gy != 0)
+
+
+def dilate_square(mask: jax.Array, size: int) -> jax.Array:
+  """cv2.dilate(mask, ones((size, size))) with the default anchor and border (border ignored)."""
+  if size <= 1:
+    return mask
+  anchor = size // 2  # cv2's default anchor (-1, -1) is the kernel centre, floor for even sizes.
+  offsets = range(-anchor, size - anchor)
+  # Separable: a square max-filter is a row max-filter followed by a column max-filter.
+  rows = mask
+  out = jnp.zeros_like(mask)
+  for d in offsets:
+    out = out | _shift(rows, 0, d, False)
+  rows = out
+  out = jnp.zeros_like(mask)
+  for d in offsets:
+    out = out | _shift(rows, d, 0, False)
+  return out
+
+
+def edge_band(raw: jax.Array, edge_size: int = 3) -> jax.Array:
+  """The original's binarised edge band of a raw label / prediction map.
+
+  `evaluation/edge_generator.py` + `boundary.py` (`lt255`): Sobel of `uint8(map)`, non-zero
+  gradient, dilated with an edge_size x edge_size square, then the map value is kept inside the
+  band and 255 written outside, and `value < 255` is the band. So a raw value >= 255 never counts
+  as band.
+
+  Args:
+    raw: integer map [..., H, W] with the values as stored in the file.
+    edge_size: side of the square dilation kernel (the original uses 3).
+
+  Returns:
+    bool band [..., H, W].
+  """
+  raw = jnp.asarray(raw).astype(jnp.int32)
+  band = dilate_square(sobel_nonzero(raw), edge_size)
+  return band & (raw < OUTSIDE_BAND)
+
+
+def box_count(mask: jax.Array, radius_y: int, radius_x: int, outside: int) -> jax.Array:
+  """Number of True pixels in the (2ry+1)x(2rx+1) window, counting outside pixels as `outside`.
+
+  Uses prefix sums, so the cost does not grow with the window.
+  """
+  x = jnp.asarray(mask).astype(jnp.int32)
+  lead = [(0, 0)] * (x.ndim - 2)
+  height, width = x.shape[-2:]
+  if radius_y:
+    p = jnp.pad(x, lead + [(radius_y + 1, radius_y), (0, 0)], constant_values=outside)
+    c = jnp.cumsum(p, axis=-2)
+    x = c[..., 2 * radius_y + 1:, :] - c[..., :height, :]
+  if radius_x:
+    p = jnp.pad(x, lead + [(0, 0), (radius_x + 1, radius_x)],
+                constant_values=outside * (2 * radius_y + 1))
+    c = jnp.cumsum(p, axis=-1)
+    x = c[..., 2 * radius_x + 1:] - c[..., :width]
+  return x
+
+
+def erode_square(mask: jax.Array, radius: int, border_value: bool) -> jax.Array:
+  """Binary erosion with a (2r+1)^2 square; `border_value` is what lies outside the map.
+
+  `radius` iterations of a 3x3 erosion equal one erosion with the (2r+1)^2 square.
+  """
+  if radius <= 0:
+    return jnp.asarray(mask, bool)
+  count = box_count(mask, radius, radius, int(border_value))
+  return count == (2 * radius + 1) ** 2
+
+
+def ellipse_offsets(radius: int) -> list[tuple[int, int]]:
+  """Offsets of cv2.getStructuringElement(MORPH_ELLIPSE, (2r+1, 2r+1)) around its centre.
+
+  OpenCV: row i has columns [c - dx, c + dx] with dx = cvRound(c * sqrt((r^2 - dy^2) / r^2)),
+  dy = i - r, r = c = radius; cvRound rounds half to even.
+  """
+  out = []
+  if radius == 0:
+    return [(0, 0)]
+  for i in range(2 * radius + 1):
+    dy = i - radius
+    dx = int(np.rint(radius * np.sqrt((radius * radius - dy * dy) / float(radius * radius))))
+    lo = max(radius - dx, 0)
+    hi = min(radius + dx + 1, 2 * radius + 1)
+    out.extend((dy, j - radius) for j in range(lo, hi))
+  return out
+
+
+def ellipse_kernel(radius: int) -> np.ndarray:
+  """uint8 (2r+1)^2 elliptic structuring element, equal to OpenCV's."""
+  k = np.zeros((2 * radius + 1, 2 * radius + 1), np.uint8)
+  for dy, dx in ellipse_offsets(radius):
+    k[dy + radius, dx + radius] = 1
+  return k
+
+
+def window_reduce(x: jax.Array, offsets: Sequence[tuple[int, int]], op: str, fill) -> jax.Array:
+  """max / min of x over a structuring element given by offsets; `fill` outside the map."""
+  reduce = jnp.maximum if op == "max" else jnp.minimum
+  out = None
+  for dy, dx in offsets:
+    s = _shift(x, dy, dx, fill)
+    out = s if out is None else reduce(out, s)
+  return out
+
+
+def disk_offsets(radius: float) -> list[tuple[int, int]]:
+  """Integer offsets with dy^2 + dx^2 <= radius^2 (Euclidean disk)."""
+  r = int(np.floor(radius))
+  return [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+          if dy * dy + dx * dx <= radius * radius]
