@@ -1,0 +1,72 @@
+"""Exact EDT in JAX against scipy.ndimage.distance_transform_edt, indices (tie-breaking) included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from idgbr_jax.metrics import distance
+
+
+def _random_maps(rng, shape, count):
+  """Maps rich in equidistant ties: sparse points, lattices, rings, random noise."""
+  h, w = shape
+  maps = []
+  for i in range(count):
+    kind = i % 4
+    if kind == 0:
+      x = rng.random((h, w)) > rng.choice([0.002, 0.02, 0.1, 0.5])
+    elif kind == 1:
+      x = np.ones((h, w), bool)
+      s = int(rng.integers(2, 9))
+      x[rng.integers(s)::s, rng.integers(s)::s] = False
+    elif kind == 2:
+      x = np.ones((h, w), bool)
+      for _ in range(int(rng.integers(1, 6))):
+        x[rng.integers(h), rng.integers(w)] = False
+    else:
+      yy, xx = np.mgrid[:h, :w]
+      r = min(h, w) / 3
+      x = np.abs(np.hypot(yy - h / 2, xx - w / 2) - r) >= 0.7
+    if x.all():
+      x[0, 0] = False
+    maps.append(x)
+  return np.stack(maps)
+
+
+@pytest.mark.parametrize("shape", [(23, 31), (64, 9), (48, 48)])
+def test_edt_matches_scipy_including_indices(shape):
+  rng = np.random.default_rng(sum(shape))
+  maps = _random_maps(rng, shape, 48)
+  dist, idx = jax.jit(lambda m: distance.distance_transform_edt(m, return_indices=True))(maps)
+  dist, idx = np.asarray(dist), np.moveaxis(np.asarray(idx), 1, 0)
+  for i, m in enumerate(maps):
+    ref_d, ref_i = ndimage.distance_transform_edt(m, return_indices=True)
+    np.testing.assert_allclose(dist[i], ref_d, rtol=1e-6)
+    np.testing.assert_array_equal(idx[:, i], ref_i)
+
+
+def test_ties_go_to_smallest_column_then_row():
+  # (1, 1) is at distance 1 from (0, 1), (1, 0), (1, 2), (2, 1): scipy picks column 0.
+  seeds = np.zeros((3, 3), bool)
+  seeds[0, 1] = seeds[1, 0] = seeds[1, 2] = seeds[2, 1] = True
+  d2, rows, cols = distance.feature_transform(seeds)
+  assert (int(d2[1, 1]), int(rows[1, 1]), int(cols[1, 1])) == (1, 1, 0)
+  # Same column above and below: the upper one (smaller row) wins.
+  seeds = np.zeros((5, 1), bool)
+  seeds[0, 0] = seeds[4, 0] = True
+  d2, rows, cols = distance.feature_transform(seeds)
+  assert (int(d2[2, 0]), int(rows[2, 0])) == (4, 0)
+
+
+def test_no_seed_map_is_flagged():
+  d2, rows, cols = distance.feature_transform(_one_seed_batch())
+  assert np.all(np.asarray(d2[0]) == -1) and np.all(np.asarray(rows[0]) == -1)
+  assert int(d2[1, 0, 0]) == 2 * 2 + 3 * 3 and int(cols[1, 0, 0]) == 3
+
+
+def _one_seed_batch():
+  seeds = np.zeros((2, 4, 5), bool)
+  seeds[1, 2, 3] = True
+  return jnp.asarray(seeds)
