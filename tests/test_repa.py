@@ -118,3 +118,15 @@ def test_repa_loss_matches_original_torch_code():
   ref = (-(o * t).sum(-1))[valid].mean().item()
   got = float(repa.repa_loss(jnp.asarray(tilde), jnp.asarray(out)))
   assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_repa_loss_gradient_is_finite_for_a_zero_student():
+  # A code-mode CG net starts with an exactly-zero residual, so the projected student is 0:
+  # those tokens are masked out and must contribute zero (not NaN) gradient, as in torch.
+  teacher = jax.random.normal(jax.random.key(0), (2, 4, 8))
+  student = jnp.zeros((2, 4, 8)).at[0, 0].set(1.0)
+  grad = jax.grad(lambda s: repa.repa_loss(s, teacher))(student)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  np.testing.assert_array_equal(np.asarray(grad)[1], 0.0)
+  assert np.abs(np.asarray(grad)[0, 0]).sum() > 0
+  assert float(jax.grad(lambda s: repa.repa_loss(s, teacher))(jnp.zeros((2, 4, 8))).sum()) == 0.0

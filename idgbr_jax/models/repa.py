@@ -171,6 +171,17 @@ def align_tokens(student: jax.Array, grid: Sequence[int]) -> jax.Array:
   return student.reshape(b, gh * gw, c)
 
 
+def _safe_norm(x: jax.Array) -> jax.Array:
+  """L2 norm over the last axis whose gradient is 0 (not NaN) at x = 0, like torch's.
+
+  A code-mode CG net starts with an exactly-zero student; `jnp.linalg.norm`'s gradient there is
+  0/0 = NaN, which would poison the whole step even though such tokens are masked out.
+  """
+  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  nonzero = sq > 0
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
 def repa_loss(student_proj: jax.Array, teacher: jax.Array, eps: float = 1e-6) -> jax.Array:
   """Mean negative cosine similarity over tokens, in float32 (scalar).
 
@@ -187,8 +198,8 @@ def repa_loss(student_proj: jax.Array, teacher: jax.Array, eps: float = 1e-6) ->
     raise ValueError(f"student {student_proj.shape} and teacher {teacher.shape} shapes differ")
   s = student_proj.astype(jnp.float32)
   t = teacher.astype(jnp.float32)
-  t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), eps)
-  s_norm = jnp.linalg.norm(s, axis=-1, keepdims=True)
+  t = t / jnp.maximum(_safe_norm(t), eps)
+  s_norm = _safe_norm(s)
   valid = (s_norm[..., 0] > eps).astype(jnp.float32)
   s = s / jnp.maximum(s_norm, eps)
   neg_cos = -jnp.sum(s * t, axis=-1)
