@@ -241,7 +241,8 @@ def test_config_and_param_count_agree_with_diffusers(torch_tiny):
   import diffusers
   cfg = DenoiserConfig.from_diffusers(dict(ref.config))
   assert cfg == TINY
-  assert denoiser.count_params(denoiser.abstract_params(TINY)) == sum(v.size for v in state.values())
+  n_torch = sum(v.size for v in state.values())
+  assert denoiser.count_params(denoiser.abstract_params(TINY)) == n_torch
   with torch.device("meta"):
     sd15 = diffusers.UNet2DConditionModel(**{k: v for k, v in SD15_CONFIG_JSON.items()
                                              if not k.startswith("_")})
@@ -319,7 +320,8 @@ def test_converter_errors_name_the_key(torch_tiny):
   with pytest.raises(ValueError, match="unexpected keys.*extra.weight"):
     diffusers_unet.unet_params_from_torch({**state, "extra.weight": np.zeros(1)}, TINY)
   bad = {**state, "conv_in.weight": np.zeros((32, 4, 1, 1), np.float32)}
-  with pytest.raises(ValueError, match=r"conv_in.weight: expected \(32, 4, 3, 3\), got \(32, 4, 1, 1\)"):
+  with pytest.raises(ValueError,
+                     match=r"conv_in.weight: expected \(32, 4, 3, 3\), got \(32, 4, 1, 1\)"):
     diffusers_unet.unet_params_from_torch(bad, TINY)
   params = diffusers_unet.unet_params_from_torch(state, TINY)
   params["conv_out"]["bias"] = np.zeros(5, np.float32)

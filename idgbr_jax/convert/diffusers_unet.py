@@ -86,15 +86,16 @@ def unet_params_from_torch(state_dict: Mapping[str, Any], config: DenoiserConfig
     dtype: numpy dtype of the returned leaves.
 
   Raises:
-    ValueError: on any missing or unexpected key, or a shape mismatch (names the key and both shapes).
+    ValueError: on any missing or unexpected key, or a shape mismatch (names the key and both
+      shapes).
   """
   expected = _expected(config)
   missing = sorted(set(expected) - set(state_dict))
   unexpected = sorted(set(state_dict) - set(expected))
   if missing or unexpected:
-    raise ValueError(f"UNet state dict does not match the config: missing keys {missing[:20]}"
-                     f"{' ...' if len(missing) > 20 else ''} ({len(missing)}), unexpected keys "
-                     f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})")
+    raise ValueError(f"UNet state dict does not match the config: missing keys {missing[:20]} "
+                     f"({len(missing)} in all), unexpected keys {unexpected[:20]} "
+                     f"({len(unexpected)} in all)")
   flat = {}
   for key, (path, shape) in expected.items():
     value = np.asarray(state_dict[key])
@@ -105,7 +106,8 @@ def unet_params_from_torch(state_dict: Mapping[str, Any], config: DenoiserConfig
   return traverse_util.unflatten_dict(flat)
 
 
-def unet_params_to_torch(params: Mapping[str, Any], config: DenoiserConfig) -> dict[str, np.ndarray]:
+def unet_params_to_torch(params: Mapping[str, Any],
+                         config: DenoiserConfig) -> dict[str, np.ndarray]:
   """Exact inverse of `unet_params_from_torch`: Flax params tree -> diffusers state dict (numpy).
 
   Accepts the inner params tree or `{'params': ...}`. Raises ValueError like the forward direction.

@@ -1,15 +1,17 @@
 """Stage II denoiser: the SD-1.5-layout `UNet2DConditionModel` (diffusers parity), NHWC, Linen.
 
-IDGBR fine-tunes a full SD-1.5 UNet ("unet_gen") and adds its Conditional-Guidance residuals to the
-12 skip tensors and to the mid-block output, ControlNet-style (dossier §1.1, §1.4). The original runs
-the UNet encoder twice per step (once for the guidance features, once inside the full forward). This
-module exposes the two halves so the encoder runs once:
+IDGBR fine-tunes a full SD-1.5 UNet ("unet_gen") and adds its Conditional-Guidance residuals to
+the 12 skip tensors and to the mid-block output, ControlNet-style (dossier §1.1, §1.4). The
+original runs the UNet encoder twice per step (once for the guidance features, once inside the
+full forward). This module exposes the two halves so the encoder runs once:
 
     skips, mid = model.apply(v, z_t, t, ctx, method=UNet2DConditionModel.encode)
     down_res, mid_res = cg_net(skips, mid, ...)            # guidance residuals from f_noise
     eps = model.apply(v, skips, mid, t, ctx, down_res, mid_res, method=UNet2DConditionModel.decode)
 
-`model.apply(v, z_t, t, ctx, down_res, mid_res)` (i.e. `__call__`) is exactly `decode(*encode(...))`.
+`model.apply(v, z_t, t, ctx, down_res, mid_res)` (`__call__`) is exactly that encode + decode.
+The encoder is deterministic (no dropout), so using its output twice gives the same gradients as
+the original's two encoder passes.
 `encode` only touches the parameters listed in `ENCODER_PARAM_KEYS` (conv_in, time embedding, down
 blocks, mid block), so it also runs the frozen "unet_ori" copy from `encoder_params(params)` alone.
 
@@ -444,7 +446,7 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-  """Spatial transformer: GN(eps 1e-6) -> proj_in -> transformer blocks on tokens -> proj_out, residual."""
+  """Spatial transformer: GN(1e-6) -> proj_in -> transformer blocks on tokens -> proj_out, +x."""
   heads: int
   groups: int
   num_layers: int = 1
@@ -471,7 +473,8 @@ class Transformer2DModel(nn.Module):
     return y + x.astype(y.dtype)
 
 
-def _attention(cfg: DenoiserConfig, level: int, name: str, dtype, param_dtype) -> Transformer2DModel:
+def _attention(cfg: DenoiserConfig, level: int, name: str, dtype,
+               param_dtype) -> Transformer2DModel:
   return Transformer2DModel(
       heads=cfg.heads_per_level[level], groups=cfg.norm_num_groups,
       num_layers=cfg.transformer_layers_per_level[level],
