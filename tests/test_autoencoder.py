@@ -12,6 +12,7 @@ from flax import traverse_util
 
 from idgbr_jax.convert import diffusers_vae
 from idgbr_jax.models import autoencoder as ae
+from idgbr_jax.parallel import sharding
 
 SD15_PARAMS = 83_653_863  # diffusers AutoencoderKL with the SD-1.5 vae/config.json
 
@@ -59,6 +60,11 @@ def test_sd15_param_count_and_table_match_model():
   boxed = traverse_util.flatten_dict(shapes["params"])
   # Every parameter carries logical axis names for the sharding rules.
   assert all(isinstance(v, nn.LogicallyPartitioned) for v in boxed.values())
+  # ... and the rules table places them: a 512->512 conv splits over fsdp (in) and tensor (out).
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  shardings = traverse_util.flatten_dict(sharding.param_shardings(shapes["params"], mesh))
+  kernel = ("decoder", "up_blocks_0_resnets_0", "conv1", "kernel")
+  assert tuple(shardings[kernel].spec) == (None, None, "fsdp", "tensor")
   flat = {k: v.value for k, v in boxed.items()}
   assert sum(int(np.prod(v.shape)) for v in flat.values()) == SD15_PARAMS
   assert diffusers_vae.vae_param_count(config) == SD15_PARAMS
