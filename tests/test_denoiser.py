@@ -331,3 +331,19 @@ def test_converter_errors_name_the_key(torch_tiny):
   with pytest.raises(ValueError, match="shape mismatch"):
     diffusers_unet.unet_params_from_torch(state, denoiser.get_config("tiny", num_heads=4,
                                                                      cross_attention_dim=16))
+
+
+def test_sharded_apply_matches_unsharded(micro_setup):
+  # One example per data shard on a 3-axis mesh: the case where XLA's partitioner went wrong
+  # before the token-state constraints (denoiser._constrain_tokens) were added.
+  model, params, sample, _, context, res, mid_res = micro_setup
+  x, ctx, t = jnp.tile(sample, (2, 1, 1, 1)), jnp.tile(context, (2, 1, 1)), jnp.arange(4) * 100
+  want = model.apply({"params": params}, x, t, ctx)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, ctx))["params"]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    p = jax.device_put(params, nn.unbox(sharding.param_shardings(boxed, mesh)))
+    got = jax.jit(lambda p, x, c: model.apply({"params": p}, x, t, c))(
+        p, jax.device_put(x, sharding.batch_sharding(mesh, 4)),
+        jax.device_put(ctx, sharding.batch_sharding(mesh, 3)))
+  assert _rel_err(got, np.asarray(want)) < 1e-5
