@@ -41,6 +41,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict()
   config.model.backbone = arg.backbone
   config.model.variant = arg.variant
+  config.model.overrides = ml_collections.ConfigDict()  # fields of the backbone's config class
   config.model.dtype = "float32"          # compute dtype; params stay float32
 
   config.loss = ml_collections.ConfigDict()

@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("idgbr_jax.commands.train", "train a Stage I segmenter or a Stage II refiner"),
     "predict": ("idgbr_jax.commands.predict", "write Stage I coarse maps (index PNGs) for splits"),
     "evaluate": ("idgbr_jax.commands.evaluate", "region + boundary metrics of maps against labels"),
+    "refine": ("idgbr_jax.commands.refine", "refine coarse maps with a trained Stage II model"),
     "demo": ("idgbr_jax.commands.demo", "the whole method on the embedded synthetic dataset"),
 }
 

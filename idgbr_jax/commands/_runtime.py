@@ -1,10 +1,21 @@
 """Process setup shared by the commands: compilation cache, quiet TF, log to stderr."""
 from __future__ import annotations
 
+import logging as py_logging
 import os
+import sys
 
 import jax
 from absl import logging
+
+_NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}", f"{os.sep}grain{os.sep}")
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps orbax/tfds/grain INFO chatter out of the console; their warnings still show."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in _NOISY)
 
 
 def setup(cache_dir: str | None = None) -> None:
@@ -20,7 +31,14 @@ def setup(cache_dir: str | None = None) -> None:
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   logging.use_absl_handler()
-  logging.get_absl_handler().python_handler.stream = __import__("sys").stderr
+  handler = logging.get_absl_handler()
+  handler.python_handler.stream = sys.stderr
+  handler.addFilter(_QuietLibraries())
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds.disable_progress_bar()
+  except ImportError:
+    pass
   try:  # TF is imported only for TFDS PNG coding / TensorBoard; keep it off accelerators.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     tf.config.set_visible_devices([], "GPU")

@@ -1,7 +1,8 @@
 """idgbr demo --workdir=DIR [--config=configs/demo.py[:runlocal]]
 
-Builds the embedded synthetic dataset, trains a small Stage I segmenter, writes its coarse maps
-for the train and test splits, and prints the evaluation table (also `DIR/report.json`).
+The whole method on the embedded synthetic dataset: Stage I -> coarse maps -> label embedding
+-> autoencoder -> Stage II -> refined test maps, and a table of coarse vs refined metrics (also
+`DIR/report.json`). Every stage resumes / skips when its output already exists in DIR.
 """
 import json
 import os
@@ -15,7 +16,12 @@ from idgbr_jax.commands import _runtime
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG),
                                           "Demo config.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Directory for everything the demo writes.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo",
+                               "Directory for everything the demo writes.")
+
+
+def _say(t0, msg):
+  print(f"[demo {time.time() - t0:5.0f}s] {msg}", flush=True)
 
 
 def main(argv):
@@ -23,47 +29,92 @@ def main(argv):
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   _runtime.setup()
   # pylint: disable=import-outside-toplevel
+  import jax
   from idgbr_jax import metrics
   from idgbr_jax.data import sources
+  from idgbr_jax.inference import refine as refine_lib
   from idgbr_jax.inference import stage1 as infer
-  from idgbr_jax.train import common, stage1
+  from idgbr_jax.train import common, pretrain, stage1, stage2
+
   config = _CONFIG.value
   workdir = common.ensure_workdir(_WORKDIR.value)
-  s1 = config.stage1
-  with s1.unlocked():
-    if s1.data.data_dir is None:
-      s1.data.data_dir = os.path.join(workdir, "tensorflow_datasets")
+  s1, s2 = config.stage1, config.stage2
+  data_dir = s1.data.data_dir or os.path.join(workdir, "tensorflow_datasets")
+  coarse_dir = os.path.join(workdir, "coarse")
+  with s1.unlocked(), s2.unlocked():
+    s1.data.data_dir = s2.data.data_dir = data_dir
+    s2.data.coarse_dir = coarse_dir
+    s2.init.label_embed = os.path.join(workdir, "label_embed")
+    s2.init.autoencoder = os.path.join(workdir, "autoencoder")
   t0 = time.time()
   num_classes = sources.num_classes(s1.data)
-  print(f"[demo] dataset synthetic_rs/{s1.data.task}: {len(sources.get_source(s1.data, 'train'))} "
-        f"train / {len(sources.get_source(s1.data, 'test'))} test at {s1.data.image_size}px "
-        f"({time.time() - t0:.0f}s)", flush=True)
+  n_train = len(sources.get_source(s1.data, s1.data.train_split))
+  n_test = len(sources.get_source(s1.data, s1.data.eval_split))
+  _say(t0, f"dataset synthetic_rs/{s1.data.task}: {n_train} train / {n_test} test, "
+       f"{s1.data.image_size}px, {num_classes} classes")
 
-  t1 = time.time()
   stage1_dir = os.path.join(workdir, "stage1")
   stage1.train_and_evaluate(s1, stage1_dir)
-  print(f"[demo] stage I {s1.model.backbone}/{s1.model.variant}: {s1.num_train_steps} steps "
-        f"({time.time() - t1:.0f}s)", flush=True)
-
-  t2 = time.time()
-  coarse_dir = os.path.join(workdir, "coarse")
+  _say(t0, f"stage I {s1.model.backbone}/{s1.model.variant} trained ({s1.num_train_steps} steps)")
   if config.num_folds:
     infer.predict_cross_fitted(stage1_dir, coarse_dir, config.num_folds, s1)
   else:
     infer.predict_split(stage1_dir, s1.data.train_split, coarse_dir, config=s1)
   infer.predict_split(stage1_dir, s1.data.eval_split, coarse_dir, config=s1)
-  print(f"[demo] coarse maps -> {coarse_dir} ({time.time() - t2:.0f}s)", flush=True)
+  _say(t0, f"coarse maps -> {coarse_dir} (train split cross-fitted over {config.num_folds} "
+       "folds)" if config.num_folds else f"coarse maps -> {coarse_dir}")
+
+  if not os.path.exists(os.path.join(s2.init.label_embed, "meta.json")):
+    le_cfg = config.label_embed
+    with le_cfg.unlocked():
+      le_cfg.num_classes = num_classes
+    le = pretrain.train_label_embedding(le_cfg, s2.init.label_embed)
+    _say(t0, f"label embedding trained (noisy-decode accuracy {le['accuracy']:.3f})")
+  if not os.path.exists(os.path.join(s2.init.autoencoder, "meta.json")):
+    ae = pretrain.train_autoencoder(config.autoencoder, s2, s2.init.label_embed,
+                                    s2.init.autoencoder)
+    _say(t0, f"autoencoder trained (L1 {ae['l1']:.3f})")
+
+  stage2_dir = os.path.join(workdir, "stage2")
+  out = stage2.train_and_evaluate(s2, stage2_dir)
+  _say(t0, f"stage II trained ({s2.num_train_steps} steps)")
+
+  refined_dir = os.path.join(workdir, "refined", s2.data.eval_split)
+  ref, mesh = out["refiner"], out["mesh"]
+  trainable, frozen = out["state"]["params"], out["frozen"]
+  refine_fn = refine_lib.make_refine_fn(ref, s2, mesh, jax.tree.map(lambda x: x.sharding, trainable),
+                                        jax.tree.map(lambda x: x.sharding, frozen))
+  for example_id, refined, _, _ in refine_lib.refine_dataset(
+      refine_fn, trainable, frozen, refine_lib.eval_split_dataset(s2), s2, mesh):
+    infer.write_png(os.path.join(refined_dir, f"{example_id}.png"), refined)
+  _say(t0, f"refined test maps -> {refined_dir} ({s2.diffusion.num_inference_steps} DDIM steps, "
+       f"guidance {s2.diffusion.guidance_scale})")
 
   label_dir = os.path.join(workdir, "labels", s1.data.eval_split)
   _export_labels(s1, s1.data.eval_split, label_dir)
-  coarse = metrics.evaluate_dirs(os.path.join(coarse_dir, s1.data.eval_split), label_dir,
-                                 num_classes=num_classes, edge_size=config.edge_size,
-                                 progress=False)
-  report = {"coarse": coarse, "seconds": round(time.time() - t0, 1)}
+  report = {}
+  for name, pred_dir in (("coarse", os.path.join(coarse_dir, s1.data.eval_split)),
+                         ("refined", refined_dir)):
+    report[name] = metrics.evaluate_dirs(pred_dir, label_dir, num_classes=num_classes,
+                                         edge_size=config.edge_size, progress=False)
+  report["seconds"] = round(time.time() - t0, 1)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
-  print(metrics.format_report(coarse))
-  print(f"[demo] total {time.time() - t0:.0f}s; report: {os.path.join(workdir, 'report.json')}")
+  print(comparison_table(report))
+  _say(t0, f"report -> {os.path.join(workdir, 'report.json')}")
+
+
+def comparison_table(report) -> str:
+  rows = [("mIoU", "miou"), ("mF1", "mf1"), ("OA", "oa"), ("WF min (boundary band)", "wf_min"),
+          ("WF mean", "wf_mean"), ("Boundary IoU", "biou"), ("Boundary F", "bf")]
+  lines = ["", f"| {'metric':<24} | {'coarse':>8} | {'refined':>8} | {'delta':>8} |",
+           f"|{'-' * 26}|{'-' * 10}|{'-' * 10}|{'-' * 10}|"]
+  for title, key in rows:
+    c, r = report["coarse"].get(key), report["refined"].get(key)
+    if c is None or r is None:
+      continue
+    lines.append(f"| {title:<24} | {c:8.4f} | {r:8.4f} | {r - c:+8.4f} |")
+  return "\n".join(lines)
 
 
 def _export_labels(cfg, split, out_dir):

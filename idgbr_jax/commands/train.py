@@ -14,6 +14,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 STAGES = {
     "stage1": "idgbr_jax.train.stage1",
+    "stage2": "idgbr_jax.train.stage2",
 }
 
 

@@ -40,6 +40,12 @@ def dtype_from_name(name: str):
   return DTYPES[name]
 
 
+def init_key(seed: int) -> jax.Array:
+  """Key for parameter initialisation. RBG, not threefry: every initializer is a separate RNG
+  computation, and threefry's make init programs take several times longer to compile on CPU."""
+  return jax.random.key(seed, impl="rbg")
+
+
 def create_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: jax.sharding.Mesh,
                    rules) -> tuple[Any, Any]:
   """Allocates `init_fn(rng)` directly sharded: shapes first, then shardings, then one jit.

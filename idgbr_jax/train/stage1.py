@@ -10,6 +10,7 @@ import os
 from typing import Any, Iterator
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,8 +35,9 @@ class TrainMetrics(metrics.Collection):
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  overrides = config.model.overrides.to_dict() if "overrides" in config.model else {}
   return backbones.get_backbone(config.model.backbone, num_classes, config.model.variant,
-                                dtype=common.dtype_from_name(config.model.dtype))
+                                dtype=common.dtype_from_name(config.model.dtype), **overrides)
 
 
 def input_size(config: ml_collections.ConfigDict) -> int:
@@ -112,7 +114,8 @@ def predict_dataset(predict_fn, variables, ds, batch_size: int, mesh, rules
   """Yields (id, predicted map, label) over an eval dataset, in order."""
   for batch, ids, valid in pipeline.eval_batches(ds, batch_size, keys=("image", "label")):
     images = pipeline.to_global(common.host_slice({"image": batch["image"]}), mesh, rules)
-    preds = common.to_host(predict_fn(variables, images["image"]))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      preds = common.to_host(predict_fn(variables, images["image"]))
     for i in range(valid):
       yield ids[i], preds[i], batch["label"][i]
 
@@ -186,7 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                     writer=writer)
   train_metrics = None
   last_eval: dict[str, Any] = {}
-  with metric_writers.ensure_flushes(writer):
+  # Trace under the mesh and the rules so the models' activation constraints take effect.
+  with metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with report_progress.timed("data"):

@@ -1,0 +1,109 @@
+"""idgbr refine --checkpoint=STAGE2_DIR --images=DIR --coarse=DIR --out=DIR
+                [--num_steps=25] [--guidance_scale=3.0] [--batch_size=8] [--seed=42]
+
+Refines coarse maps (index PNGs from any segmenter) with a trained Stage II refiner and writes
+refined index PNGs `<out>/<stem>.png`. Images (PNG/JPG/TIF) and coarse maps are matched by file
+stem; their size must be the refiner's training size.
+"""
+import os
+import sys
+
+import numpy as np
+from absl import flags
+
+from idgbr_jax.commands import _runtime
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Stage II run directory (with checkpoints/).")
+_IMAGES = flags.DEFINE_string("images", None, "Directory of input images.")
+_COARSE = flags.DEFINE_string("coarse", None, "Directory of coarse index maps (PNG).")
+_OUT = flags.DEFINE_string("out", None, "Output directory for refined index PNGs.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "DDIM steps (default: the run's config).")
+_SCALE = flags.DEFINE_float("guidance_scale", None, "Control-CFG scale (default: config).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per refinement call.")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: config).")
+flags.mark_flags_as_required(["checkpoint", "images", "coarse", "out"])
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def _read(path: str, what: str) -> np.ndarray:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB") if what == "image" else im)
+  except Exception as e:  # noqa: BLE001 - reported with the file name
+    raise ValueError(f"cannot read {what} {path}: {e}") from e
+
+
+def pair_files(images_dir: str, coarse_dir: str) -> list[tuple[str, str, str]]:
+  """(stem, image path, coarse path) for every image; a missing coarse map is an error."""
+  for d in (images_dir, coarse_dir):
+    if not os.path.isdir(d):
+      raise ValueError(f"directory not found: {d}")
+  pairs = []
+  for name in sorted(os.listdir(images_dir)):
+    stem, ext = os.path.splitext(name)
+    if ext.lower() not in IMAGE_EXTENSIONS:
+      continue
+    coarse = os.path.join(coarse_dir, stem + ".png")
+    if not os.path.exists(coarse):
+      raise ValueError(f"no coarse map for image {name}: {coarse} is missing")
+    pairs.append((stem, os.path.join(images_dir, name), coarse))
+  if not pairs:
+    raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}")
+  return pairs
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  _runtime.setup()
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from idgbr_jax.data import transforms
+  from idgbr_jax.inference import refine as refine_lib
+  from idgbr_jax.inference.stage1 import write_png
+  try:
+    pairs = pair_files(_IMAGES.value, _COARSE.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  ref, trainable, frozen, config, mesh = refine_lib.load(os.path.abspath(_CHECKPOINT.value))
+  with config.unlocked():
+    if _NUM_STEPS.value is not None:
+      config.diffusion.num_inference_steps = _NUM_STEPS.value
+    if _SCALE.value is not None:
+      config.diffusion.guidance_scale = _SCALE.value
+    if _SEED.value is not None:
+      config.diffusion.sampling_seed = _SEED.value
+    config.eval_batch_size = _BATCH.value
+  size = config.data.image_size
+  num_classes = ref.config.label_embed.num_classes
+  examples = []
+  for stem, image_path, coarse_path in pairs:
+    image, coarse = _read(image_path, "image"), _read(coarse_path, "coarse map")
+    if coarse.ndim == 3:
+      coarse = coarse[..., 0]
+    if image.shape[:2] != (size, size) or coarse.shape != (size, size):
+      print(f"error: {stem}: image {image.shape[:2]} / coarse {coarse.shape} must both be "
+            f"{size}x{size} (the refiner's training size)", file=sys.stderr)
+      return 1
+    if coarse.max() >= num_classes:
+      print(f"error: coarse map {coarse_path} has value {coarse.max()} >= {num_classes} classes",
+            file=sys.stderr)
+      return 1
+    examples.append({"image": transforms.normalize_image(image, config.data.normalization),
+                     "label": coarse.astype(np.int32), "coarse": coarse.astype(np.int32),
+                     "id": stem})
+  refine_fn = refine_lib.make_refine_fn(ref, config, mesh,
+                                        jax.tree.map(lambda x: x.sharding, trainable),
+                                        jax.tree.map(lambda x: x.sharding, frozen))
+  os.makedirs(_OUT.value, exist_ok=True)
+  n = 0
+  for stem, refined, _, _ in refine_lib.refine_dataset(refine_fn, trainable, frozen, examples,
+                                                      config, mesh):
+    write_png(os.path.join(_OUT.value, f"{stem}.png"), refined)
+    n += 1
+  print(f"refined {n} maps -> {_OUT.value} ({config.diffusion.num_inference_steps} DDIM steps, "
+        f"guidance {config.diffusion.guidance_scale})")
+  return 0

@@ -1,0 +1,113 @@
+"""Stage II inference: refine coarse maps with DDIM (a jitted `lax.scan`) and Control-CFG.
+
+Per batch: the frozen image/coarse features are computed once, then `ddim_sample` runs the
+guided denoiser for `num_inference_steps` (ε = ε₀ + s(ε_c − ε₀), both from one batched call),
+and the final latent is decoded to colours and then to class indices.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from idgbr_jax import checkpoints, diffusion
+from idgbr_jax.data import pipeline, sources
+from idgbr_jax.parallel import sharding
+from idgbr_jax.train import common, optim, stage2
+
+
+def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, frozen_sh):
+  """Jitted (trainable, frozen, image, coarse, rng) -> (class maps uint8, coarse-free logits)."""
+  rules = tuple(config.sharding_rules)
+  d = config.diffusion
+  schedule = stage2.make_schedule(config)
+  num_steps = int(d.num_inference_steps)
+  scale = float(d.guidance_scale)
+  use_cfg = scale != 1.0
+
+  @functools.partial(
+      jax.jit,
+      in_shardings=(trainable_sh, frozen_sh, sharding.batch_sharding(mesh, 4, rules),
+                    sharding.batch_sharding(mesh, 3, rules), sharding.replicated(mesh)),
+      out_shardings=sharding.batch_sharding(mesh, 3, rules))
+  def refine(trainable, frozen, image, coarse, rng):
+    r_cond, r_noise = jax.random.split(rng)
+    cond = ref.encode_conditions(frozen, image, coarse, r_cond, use_coarse=d.use_coarse)
+    h = ref.latent_size(image.shape[1])
+    z_T = jax.random.normal(r_noise, (image.shape[0], h, h, ref.config.denoiser.in_channels),
+                            jnp.float32)
+    if use_cfg:
+      eps_fn = lambda z, t: ref.eps_cfg(trainable, frozen, z, t, cond)  # noqa: E731
+    else:
+      eps_fn = lambda z, t: ref.eps(trainable, frozen, z, t, cond)[0]  # noqa: E731
+    z0 = diffusion.ddim_sample(eps_fn, z_T, schedule, num_steps,
+                               scale if use_cfg else None)
+    logits = ref.decode_logits(frozen, z0)
+    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+  return refine
+
+
+def refine_dataset(refine_fn, trainable, frozen, ds, config, mesh
+                   ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+  """Yields (id, refined, coarse, label) in order. Noise is seeded per batch index."""
+  rules = tuple(config.sharding_rules)
+  base = jax.random.key(config.diffusion.sampling_seed)
+  for i, (batch, ids, valid) in enumerate(pipeline.eval_batches(ds, config.eval_batch_size)):
+    arrays = pipeline.to_global(common.host_slice(
+        {"image": batch["image"], "coarse": batch["coarse"].astype(np.int32)}), mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      refined = common.to_host(refine_fn(trainable, frozen, arrays["image"], arrays["coarse"],
+                                         jax.random.fold_in(base, i)))
+    for j in range(valid):
+      yield ids[j], refined[j], batch["coarse"][j], batch["label"][j]
+
+
+def eval_split_dataset(config, split: str | None = None, max_examples: int = 0):
+  split = split or config.data.eval_split
+  num_classes = sources.num_classes(config.data)
+  indices = np.arange(max_examples) if max_examples else None
+  return pipeline.eval_dataset(config, split, num_classes,
+                               coarse_dir=stage2.coarse_dir_for(config, split), indices=indices)
+
+
+def evaluate(ref, trainable, frozen, config, mesh, split: str | None = None) -> dict[str, Any]:
+  """Refines a split and returns the evaluation suite's report for refined and coarse maps."""
+  from idgbr_jax import metrics  # pylint: disable=import-outside-toplevel
+  refine_fn = make_refine_fn(ref, config, mesh, jax.tree.map(lambda x: x.sharding, trainable),
+                             jax.tree.map(lambda x: x.sharding, frozen))
+  ds = eval_split_dataset(config, split, config.get("eval_max_examples", 0))
+  refined, coarse, labels = [], [], []
+  for _, r, c, l in refine_dataset(refine_fn, trainable, frozen, ds, config, mesh):
+    refined.append(r)
+    coarse.append(c)
+    labels.append(l)
+  k = sources.num_classes(config.data)
+  return {"refined": metrics.evaluate_maps(refined, labels, num_classes=k),
+          "coarse": metrics.evaluate_maps(coarse, labels, num_classes=k)}
+
+
+def load(workdir: str, config: ml_collections.ConfigDict | None = None):
+  """Rebuilds a trained refiner from `<workdir>/checkpoints`: (ref, trainable, frozen, config,
+  mesh). The frozen parts are re-read from the paths recorded in the run's config."""
+  config = config or checkpoints.load_config(os.path.join(workdir, "checkpoints"))
+  mesh = sharding.make_mesh(config.mesh_shape.to_dict())
+  rules = tuple(config.sharding_rules)
+  num_classes = sources.num_classes(config.data)
+  from idgbr_jax.models import refiner  # pylint: disable=import-outside-toplevel
+  ref = refiner.Refiner(stage2.refiner_config(config, num_classes),
+                        common.dtype_from_name(config.model.dtype))
+  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+  state, state_sh = stage2.init_state(ref, tx, config, mesh, rules)
+  frozen, _ = stage2.init_frozen(ref, config, state["params"]["unet"],
+                                 state_sh["params"]["unet"], mesh, rules)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  state = ckpt.restore(None, state, shardings=state_sh)
+  ckpt.close()
+  return ref, state["params"], frozen, config, mesh

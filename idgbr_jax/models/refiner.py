@@ -1,0 +1,183 @@
+"""The IDGBR refiner assembled from its networks, as pure functions of explicit param trees.
+
+Param trees (each passed to jit as an argument, never captured):
+
+* trainable: `unet` (the denoiser, "unet_gen"), `guidance` (the CG net) and `projector` (REPA,
+  used only during the alignment warm-up);
+* frozen: `vae`, `label_embed`, `unet_ori` (the encoder half of the *initial* UNet weights),
+  `teacher` (DINOv2, optional) and `context` (the empty-prompt text states, (1, L, D)).
+
+Compute layout, and where it differs from the original on purpose:
+
+* The frozen image / coarse features (`unet_ori.encode` at t=1) do not depend on the diffusion
+  step: `encode_conditions` runs once per image, and the sampler reuses them for all steps.
+* The denoiser's encoder runs once per step: its skips feed the CG net and then the up path
+  (`UNet2DConditionModel.decode`); the original runs the encoder a second time inside the full
+  forward. Same numbers, one encoder pass fewer.
+* Control-CFG: the unconditional branch is the same UNet with zero residuals, so it shares the
+  encoder pass too; only the up path runs on a 2B batch (`eps_cfg`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from idgbr_jax.models import autoencoder, denoiser, dinov2, guidance, label_embedding, repa
+
+Params = Any
+T_COND = 1  # the original encodes image and coarse latents with unet_ori at timestep 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RefinerConfig:
+  """Architecture of every Stage II network."""
+  denoiser: denoiser.DenoiserConfig
+  autoencoder: autoencoder.AutoencoderConfig
+  guidance: guidance.GuidanceConfig
+  label_embed: label_embedding.LabelEmbedConfig
+  teacher: dinov2.DinoV2Config | None = None
+  projector_hidden: int = 2048
+  context_length: int = 77
+
+  def __post_init__(self):
+    if self.guidance.skip_channels != tuple(self.denoiser.skip_channels):
+      raise ValueError(f"guidance skip_channels {self.guidance.skip_channels} do not match the "
+                       f"denoiser's {tuple(self.denoiser.skip_channels)}")
+    if self.autoencoder.latent_channels != self.denoiser.in_channels:
+      raise ValueError(f"autoencoder latent_channels {self.autoencoder.latent_channels} != "
+                       f"denoiser in_channels {self.denoiser.in_channels}")
+
+
+class Conditions(NamedTuple):
+  """Frozen-encoder features of the image and coarse-map latents (computed once per image)."""
+  img_skips: tuple
+  img_mid: jax.Array
+  coarse_skips: tuple
+  coarse_mid: jax.Array
+
+
+class Refiner:
+  """Holds the Linen modules (no params) and the refiner's pure functions."""
+
+  def __init__(self, config: RefinerConfig, dtype=jnp.float32):
+    self.config = config
+    self.dtype = dtype
+    self.unet = denoiser.UNet2DConditionModel(config.denoiser, dtype=dtype)
+    self.vae = autoencoder.AutoencoderKL(config.autoencoder, dtype=dtype)
+    self.guidance = guidance.GuidanceNet(config.guidance, dtype=dtype)
+    self.label_embed = label_embedding.LabelEmbedding(config.label_embed)
+    self.teacher = dinov2.DinoV2(config.teacher, dtype=dtype) if config.teacher else None
+    self.projector = (repa.Projector(config.projector_hidden, config.teacher.embed_dim,
+                                     dtype=dtype) if config.teacher else None)
+
+  # ----- init -----------------------------------------------------------------------------------
+  def latent_size(self, image_size: int) -> int:
+    factor = self.config.autoencoder.downsample_factor
+    if image_size % factor:
+      raise ValueError(f"image size {image_size} not divisible by the autoencoder factor {factor}")
+    return image_size // factor
+
+  def init_trainable(self, rng: jax.Array, image_size: int) -> Params:
+    """Boxed (logically partitioned) params of the denoiser, CG net and projector."""
+    r_unet, r_guid, r_proj = jax.random.split(rng, 3)
+    h = self.latent_size(image_size)
+    cfg = self.config
+    z = jnp.zeros((1, h, h, cfg.denoiser.in_channels), jnp.float32)
+    ctx = jnp.zeros((1, cfg.context_length, cfg.denoiser.cross_attention_dim), jnp.float32)
+    unet_params = self.unet.init(r_unet, z, jnp.zeros((1,), jnp.int32), ctx)["params"]
+    skips, mid = jax.eval_shape(
+        lambda p: self.unet.apply({"params": p}, z, jnp.zeros((1,), jnp.int32), ctx,
+                                  method=self.unet.encode), unet_params)
+    zeros = lambda s: jnp.zeros(s.shape, jnp.float32)  # noqa: E731
+    sk, md = tuple(map(zeros, skips)), zeros(mid)
+    out = {"unet": unet_params,
+           "guidance": self.guidance.init(r_guid, sk, md, sk, md, sk, md)["params"]}
+    if self.projector is not None:
+      out["projector"] = self.projector.init(r_proj, jnp.zeros((1, 1, 1, sk[-1].shape[-1])))[
+          "params"]
+    return out
+
+  # ----- frozen encoders --------------------------------------------------------------------
+  def encode_image(self, frozen: Params, image: jax.Array, rng: jax.Array | None) -> jax.Array:
+    return self.vae.apply({"params": frozen["vae"]}, image, rng,
+                          method=self.vae.encode_latents)
+
+  def encode_labels(self, frozen: Params, labels: jax.Array, rng: jax.Array | None) -> jax.Array:
+    colours = self.label_embed.apply({"params": frozen["label_embed"]}, labels,
+                                     method=self.label_embed.encode)
+    return self.vae.apply({"params": frozen["vae"]}, colours.astype(self.dtype), rng,
+                          method=self.vae.encode_latents)
+
+  def context(self, frozen: Params, batch: int) -> jax.Array:
+    ctx = frozen["context"]
+    return jnp.broadcast_to(ctx, (batch,) + ctx.shape[1:]).astype(self.dtype)
+
+  def encode_conditions(self, frozen: Params, image: jax.Array, coarse: jax.Array,
+                        rng: jax.Array, use_coarse: bool = True) -> Conditions:
+    """VAE latents of image and coarse map -> frozen UNet-encoder features at t=1.
+
+    `use_coarse=False` is the original's `no_rough` ablation: the coarse latent is zeros.
+    """
+    r_img, r_coarse = jax.random.split(rng)
+    z_img = self.encode_image(frozen, image, r_img)
+    z_coarse = (self.encode_labels(frozen, coarse, r_coarse) if use_coarse
+                else jnp.zeros_like(z_img))
+    b = image.shape[0]
+    z = jnp.concatenate([z_img, z_coarse])  # one batched pass through unet_ori
+    t = jnp.full((2 * b,), T_COND, jnp.int32)
+    skips, mid = self.unet.apply({"params": frozen["unet_ori"]}, z, t, self.context(frozen, 2 * b),
+                                 method=self.unet.encode)
+    skips = jax.lax.stop_gradient(skips)
+    mid = jax.lax.stop_gradient(mid)
+    return Conditions(tuple(s[:b] for s in skips), mid[:b], tuple(s[b:] for s in skips), mid[b:])
+
+  # ----- the noise predictor ------------------------------------------------------------------
+  def _guided(self, trainable: Params, frozen: Params, z_t, t, cond: Conditions):
+    b = z_t.shape[0]
+    ctx = self.context(frozen, b)
+    skips, mid = self.unet.apply({"params": trainable["unet"]}, z_t, t, ctx,
+                                 method=self.unet.encode)
+    residuals, mid_res = self.guidance.apply(
+        {"params": trainable["guidance"]}, skips, mid, cond.img_skips, cond.img_mid,
+        cond.coarse_skips, cond.coarse_mid)
+    return skips, mid, residuals, mid_res, ctx
+
+  def eps(self, trainable: Params, frozen: Params, z_t, t, cond: Conditions):
+    """Conditional ε̂(z_t, t) and the CG net's last skip residual (the REPA student feature)."""
+    skips, mid, residuals, mid_res, ctx = self._guided(trainable, frozen, z_t, t, cond)
+    eps = self.unet.apply({"params": trainable["unet"]}, skips, mid, t, ctx, residuals, mid_res,
+                          method=self.unet.decode)
+    return eps, residuals[-1]
+
+  def eps_cfg(self, trainable: Params, frozen: Params, z_t, t, cond: Conditions):
+    """(ε_c, ε_0) in one batched up-path call; ε_0 is the same UNet with zero residuals."""
+    b = z_t.shape[0]
+    skips, mid, residuals, mid_res, ctx = self._guided(trainable, frozen, z_t, t, cond)
+    two = lambda x: jnp.concatenate([x, x])  # noqa: E731
+    res2 = [jnp.concatenate([r, jnp.zeros_like(r)]) for r in residuals]
+    mid2 = jnp.concatenate([mid_res, jnp.zeros_like(mid_res)])
+    t2 = jnp.concatenate([jnp.broadcast_to(t, (b,))] * 2)
+    eps = self.unet.apply({"params": trainable["unet"]}, [two(s) for s in skips], two(mid), t2,
+                          two(ctx), res2, mid2, method=self.unet.decode)
+    return eps[:b], eps[b:]
+
+  # ----- outputs ---------------------------------------------------------------------------
+  def decode_logits(self, frozen: Params, z0: jax.Array) -> jax.Array:
+    """Latent -> VAE decode -> label-embedding decoder logits (B, H, W, K)."""
+    colours = self.vae.apply({"params": frozen["vae"]}, z0, method=self.vae.decode_latents)
+    return self.label_embed.apply({"params": frozen["label_embed"]}, colours.astype(jnp.float32),
+                                  method=self.label_embed.decode)
+
+  def teacher_tokens(self, frozen: Params, image: jax.Array) -> jax.Array:
+    x = repa.teacher_input(image, self.config.teacher.patch_size)
+    return self.teacher.apply({"params": frozen["teacher"]}, x)["x_norm_patchtokens"]
+
+  def repa_loss(self, trainable: Params, frozen: Params, student: jax.Array, image: jax.Array):
+    teacher = jax.lax.stop_gradient(self.teacher_tokens(frozen, image))
+    p = self.config.teacher.patch_size
+    th, tw = repa.teacher_input_size(image.shape[1:3], p)
+    proj = self.projector.apply({"params": trainable["projector"]}, student)
+    return repa.repa_loss(repa.align_tokens(proj, (th // p, tw // p)), teacher)

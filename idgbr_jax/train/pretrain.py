@@ -1,0 +1,121 @@
+"""Pretraining of Stage II's frozen parts when no pretrained weights are at hand:
+
+* the label embedding (class -> colour table + 1x1-conv decoder), as the original's
+  `train_label_embed.py` (random label maps, colour noise 0.15, cross-entropy), optionally also
+  training the colour table (the original's script cannot: its encode runs under no_grad);
+* a small SD-layout autoencoder trained from scratch on the dataset's images and on label
+  colour maps (what the frozen SD-1.5 VAE encodes in the original).
+
+Each writes a params checkpoint (`idgbr_jax.checkpoints.params`) that Stage II configs point at.
+"""
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from idgbr_jax.checkpoints import params as params_ckpt
+from idgbr_jax.data import pipeline, sources
+from idgbr_jax.models import autoencoder, label_embedding
+from idgbr_jax.parallel import sharding
+from idgbr_jax.train import common, optim
+
+
+def _state_init(init_params, tx):
+  def init(rng):
+    params = init_params(rng)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  return init
+
+
+def _apply_grads(tx, state, grads):
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+
+
+def train_label_embedding(config: ml_collections.ConfigDict, out_dir: str) -> dict[str, Any]:
+  """config: num_classes, hidden, steps, batch_size, size, learning_rate, noise_std,
+  train_table, seed. Returns {'params', 'accuracy'} and writes `out_dir`."""
+  out_dir = common.ensure_workdir(out_dir)
+  le_cfg = label_embedding.LabelEmbedConfig(num_classes=config.num_classes, hidden=config.hidden)
+  model = label_embedding.LabelEmbedding(le_cfg)
+  tx, _ = optim.make_optimizer(config.optim, config.steps)
+  rng = jax.random.key(config.seed)
+  state = jax.jit(lambda r: nn.meta.unbox(_state_init(
+      lambda r: model.init(r, jnp.zeros((1, 2, 2), jnp.int32))["params"], tx)(r)))(rng)
+
+  @jax.jit
+  def step_fn(state, rng):
+    rng = jax.random.fold_in(rng, state["step"])
+    r_lab, r_noise = jax.random.split(rng)
+    labels = label_embedding.random_label_batch(r_lab, config.batch_size, config.size,
+                                                config.num_classes)
+    grad_fn = jax.grad(lambda p: label_embedding.label_embed_loss(
+        model, p, labels, r_noise, config.noise_std, config.train_table), has_aux=True)
+    grads, aux = grad_fn(state["params"])
+    return _apply_grads(tx, state, grads), aux
+
+  aux = {}
+  for _ in range(config.steps):
+    state, aux = step_fn(state, rng)
+  accuracy = float(aux["accuracy"])
+  logging.info("label embedding: %d steps, noisy-decode accuracy %.4f", config.steps, accuracy)
+  params_ckpt.save_params(out_dir, state["params"], {
+      "kind": "label_embed", "config": dataclasses.asdict(le_cfg),
+      "train_table": bool(config.train_table), "noisy_decode_accuracy": accuracy})
+  return {"params": state["params"], "accuracy": accuracy}
+
+
+def train_autoencoder(config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+                      label_embed_dir: str, out_dir: str) -> dict[str, Any]:
+  """Trains an AutoencoderKL on the train split's images and their label colour maps.
+
+  config: variant, overrides (dict), steps, kl_weight, optim, seed. `data_config` is a full
+  Stage I/II config (its `data`, `batch_size`, `mesh_shape` and `sharding_rules` are used), so
+  images get exactly the normalisation Stage II feeds the VAE.
+  """
+  out_dir = common.ensure_workdir(out_dir)
+  mesh = sharding.make_mesh(data_config.mesh_shape.to_dict())
+  rules = tuple(data_config.sharding_rules)
+  num_classes = sources.num_classes(data_config.data)
+  ae_cfg = autoencoder.get_config(config.variant, **dict(config.get("overrides", {})))
+  model = autoencoder.AutoencoderKL(ae_cfg)
+  le_meta = params_ckpt.load_meta(label_embed_dir)
+  le_model = label_embedding.LabelEmbedding(label_embedding.LabelEmbedConfig(**le_meta["config"]))
+  le_params = params_ckpt.load_params(label_embed_dir)
+  tx, _ = optim.make_optimizer(config.optim, config.steps)
+  size = data_config.data.image_size
+  state, state_sh = common.create_sharded(_state_init(
+      lambda r: model.init(r, jnp.zeros((1, size, size, 3)), None, False)["params"], tx),
+      jax.random.key(config.seed), mesh, rules)
+  batch_sh = {"image": sharding.batch_sharding(mesh, 4, rules),
+              "label": sharding.batch_sharding(mesh, 3, rules)}
+
+  @functools.partial(jax.jit, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh), None),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  def step_fn(state, batch, rng, le_params):
+    rng = jax.random.fold_in(rng, state["step"])
+    colours = le_model.apply({"params": le_params}, batch["label"], method=le_model.encode)
+    x = jnp.concatenate([batch["image"], colours.astype(batch["image"].dtype)])
+    grad_fn = jax.grad(lambda p: autoencoder.autoencoder_loss(model, p, x, rng,
+                                                              config.kl_weight), has_aux=True)
+    grads, aux = grad_fn(state["params"])
+    return _apply_grads(tx, state, grads), aux
+
+  it = iter(pipeline.train_dataset(data_config, num_classes))
+  rng = jax.random.key(config.seed + 1)
+  aux = {}
+  for step in range(1, config.steps + 1):
+    batch = pipeline.to_global({k: v for k, v in next(it).items() if k in batch_sh}, mesh, rules)
+    state, aux = step_fn(state, batch, rng, le_params)
+    if step % max(1, config.steps // 5) == 0:
+      logging.info("autoencoder step %d: l1 %.4f", step, float(aux["l1"]))
+  l1 = float(aux["l1"])
+  params_ckpt.save_params(out_dir, state["params"], {
+      "kind": "autoencoder", "config": dataclasses.asdict(ae_cfg), "final_l1": l1})
+  return {"params": state["params"], "l1": l1}
