@@ -41,7 +41,8 @@ def get_config(arg=None):
 
   config.autoencoder = ml_collections.ConfigDict(dict(
       variant="small", overrides=dict(block_out_channels=(16, 32, 64)),  # x4: 16x16 latents
-      steps=300, kl_weight=1e-6, seed=0,
+      steps=200, kl_weight=1e-6, seed=0,
+      label_ce_weight=1.0,  # ours: train for what Stage II needs, labels that survive a round trip
       optim=dict(learning_rate=2e-3, weight_decay=0.0, b1=0.9, b2=0.999,
                  schedule="warmup_cosine", warmup_steps=20, clip_norm=1.0)))
 

@@ -20,3 +20,6 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Test models are tiny: compile time dominates, and skipping XLA's optimisation passes roughly
+# halves it (measured on the Stage II step: 55 s -> 31 s) at a small run-time cost.
+jax.config.update("jax_disable_most_optimizations", True)

@@ -48,7 +48,12 @@ def _host(tree):
 
 def test_sharded_step_equals_single_device(data_dir, tmp_path):
   assert jax.device_count() == 8
-  sharded = stage1.train_and_evaluate(tiny_config(data_dir, data=4, fsdp=2), str(tmp_path / "a"))
+  config = tiny_config(data_dir, data=4, fsdp=2)
+  config.eval_every_steps = 3  # the in-training evaluation runs the evaluation suite
+  sharded = stage1.train_and_evaluate(config, str(tmp_path / "a"))
+  report = sharded["eval"]
+  assert report["num_images"] == 8 and 0.0 <= report["miou"] <= 1.0
+  assert 0.0 <= report["wf_min"] <= report["wf_mean"] <= 1.0
   single = stage1.train_and_evaluate(tiny_config(data_dir, data=1), str(tmp_path / "b"))
   p_sharded, p_single = _host(sharded["state"]["params"]), _host(single["state"]["params"])
   leaves = jax.tree.leaves(sharded["state"]["params"])

@@ -74,17 +74,24 @@ def test_train_step_lowers_loss_on_a_fixed_batch(single):
   ref, mesh, state, frozen, step = single
   batch = pipeline.to_global(fixed_batch(), mesh)
   rng = jax.random.key(0)
-  losses, repa = [], []
-  for _ in range(12):
+
+  def loss_at_step0(state):
+    # The step's noise, timesteps and REPA switch are functions of (rng, step): evaluating
+    # every params at step 0 scores them on the same draw.
+    _, m = step({**state, "step": jnp.zeros((), jnp.int32)}, frozen, batch, rng)
+    return m.compute()
+
+  before = loss_at_step0(state)
+  repa = []
+  for _ in range(10):
     state, m = step(state, frozen, batch, rng)
-    out = m.compute()
-    losses.append(float(out["loss"]))
-    repa.append(float(out["repa"]))
-  assert int(state["step"]) == 12
-  assert np.all(np.isfinite(losses))
-  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    repa.append(float(m.compute()["repa"]))
+  after = loss_at_step0(state)
+  assert int(state["step"]) == 10
+  assert np.isfinite(float(after["loss"]))
+  assert float(after["mse"]) < 0.7 * float(before["mse"]), (before, after)
   # REPA is active for the first `active_steps` (2 in runlocal) steps only.
-  assert repa[0] != 0.0 and all(r == 0.0 for r in repa[2:])
+  assert before["repa"] != 0.0 and repa[0] != 0.0 and all(r == 0.0 for r in repa[2:])
 
 
 def test_sharded_step_equals_single_device(single):
@@ -104,8 +111,10 @@ def test_sharded_step_equals_single_device(single):
   assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state8["params"]))
   np.testing.assert_allclose(float(m8.compute()["loss"]), float(m1.compute()["loss"]),
                              rtol=1e-4)
+  # Adam normalises updates, so a gradient that is ~0 in both runs can still move a weight by
+  # up to lr * (summation-order noise / its tiny RMS); 2e-4 is a fifth of one lr step.
   for a, b in zip(jax.tree.leaves(state8["params"]), jax.tree.leaves(s1["params"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-4)
 
 
 def test_cfg_batch_gives_conditional_and_zero_residual_branches(single):
@@ -114,14 +123,18 @@ def test_cfg_batch_gives_conditional_and_zero_residual_branches(single):
   # Make the CG residuals non-zero so the two branches really differ.
   params["guidance"] = jax.tree.map(lambda x: x + 0.05, params["guidance"])
   b = fixed_batch(2)
-  cond = ref.encode_conditions(frozen, jnp.asarray(b["image"]), jnp.asarray(b["coarse"]),
-                               jax.random.key(1))
+  cond = jax.jit(ref.encode_conditions)(frozen, jnp.asarray(b["image"]),
+                                        jnp.asarray(b["coarse"]), jax.random.key(1))
   z = jax.random.normal(jax.random.key(2), (2, 4, 4, 4))
   t = jnp.int32(500)
-  eps_c, eps_u = ref.eps_cfg(params, frozen, z, t, cond)
-  eps_cond, _ = ref.eps(params, frozen, z, t, cond)
-  ctx = ref.context(frozen, 2)
-  eps_plain = ref.unet.apply({"params": params["unet"]}, z, jnp.full((2,), 500), ctx)
+  @jax.jit
+  def all_three(params, frozen, z, cond):
+    eps_c, eps_u = ref.eps_cfg(params, frozen, z, t, cond)
+    eps_cond, _ = ref.eps(params, frozen, z, t, cond)
+    eps_plain = ref.unet.apply({"params": params["unet"]}, z, jnp.full((2,), 500),
+                               ref.context(frozen, 2))
+    return eps_c, eps_u, eps_cond, eps_plain
+  eps_c, eps_u, eps_cond, eps_plain = all_three(params, frozen, z, cond)
   np.testing.assert_allclose(eps_c, eps_cond, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(eps_u, eps_plain, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(eps_c - eps_u).max()) > 1e-3

@@ -73,7 +73,8 @@ def main(argv):
   if not os.path.exists(os.path.join(s2.init.autoencoder, "meta.json")):
     ae = pretrain.train_autoencoder(config.autoencoder, s2, s2.init.label_embed,
                                     s2.init.autoencoder)
-    _say(t0, f"autoencoder trained (L1 {ae['l1']:.3f})")
+    _say(t0, f"autoencoder trained (L1 {ae['l1']:.3f}, label round-trip pixel accuracy "
+         f"{ae['label_accuracy']:.3f})")
 
   stage2_dir = os.path.join(workdir, "stage2")
   out = stage2.train_and_evaluate(s2, stage2_dir)

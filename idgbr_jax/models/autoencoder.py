@@ -392,7 +392,8 @@ def autoencoder_loss(model: AutoencoderKL, params, images: jax.Array, rng: jax.A
     kl_weight: weight of the KL term relative to the per-pixel L1 sum.
 
   Returns:
-    (loss, aux) with aux = {'l1', 'mse', 'kl' (per-sample KL sum, batch mean), 'loss'}.
+    (loss, aux) with aux = {'l1', 'mse', 'kl' (per-sample KL sum, batch mean), 'loss',
+    'reconstruction' (float32, for extra task losses on it)}.
   """
   variables = params if "params" in params else {"params": params}
   recon, posterior = model.apply(variables, images, rng)
@@ -401,5 +402,6 @@ def autoencoder_loss(model: AutoencoderKL, params, images: jax.Array, rng: jax.A
   l1 = jnp.mean(jnp.abs(images - recon))
   kl = jnp.mean(posterior.kl())
   loss = l1 + kl_weight * kl / np.prod(images.shape[1:])
-  aux = {"loss": loss, "l1": l1, "mse": jnp.mean(jnp.square(images - recon)), "kl": kl}
+  aux = {"loss": loss, "l1": l1, "mse": jnp.mean(jnp.square(images - recon)), "kl": kl,
+         "reconstruction": recon}
   return loss, aux

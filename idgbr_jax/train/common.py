@@ -83,3 +83,22 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def write_train_metrics(writer, step: int, train_metrics) -> None:
+  """Writes a merged clu Collection as `train/*` scalars; a non-finite loss stops the run."""
+  scalars = train_metrics.compute()
+  if not np.isfinite(scalars["loss"]):
+    raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
+  writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+
+
+def report_scalars(report: dict, prefix: str) -> dict[str, float]:
+  """The numeric entries of an evaluation report (nested dicts flattened with '/')."""
+  out = {}
+  for k, v in report.items():
+    if isinstance(v, dict):
+      out.update(report_scalars(v, f"{prefix}/{k}"))
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+      out[f"{prefix}/{k}"] = float(v)
+  return out

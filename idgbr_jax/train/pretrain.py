@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from absl import logging
 
 from idgbr_jax.checkpoints import params as params_ckpt
@@ -75,7 +76,9 @@ def train_autoencoder(config: ml_collections.ConfigDict, data_config: ml_collect
                       label_embed_dir: str, out_dir: str) -> dict[str, Any]:
   """Trains an AutoencoderKL on the train split's images and their label colour maps.
 
-  config: variant, overrides (dict), steps, kl_weight, optim, seed. `data_config` is a full
+  config: variant, overrides (dict), steps, kl_weight, label_ce_weight (0: the plain L1 + KL
+  objective; >0 adds cross-entropy of the reconstructed label colours through the frozen label
+  decoder), optim, seed. `data_config` is a full
   Stage I/II config (its `data`, `batch_size`, `mesh_shape` and `sharding_rules` are used), so
   images get exactly the normalisation Stage II feeds the VAE.
   """
@@ -102,9 +105,22 @@ def train_autoencoder(config: ml_collections.ConfigDict, data_config: ml_collect
     rng = jax.random.fold_in(rng, state["step"])
     colours = le_model.apply({"params": le_params}, batch["label"], method=le_model.encode)
     x = jnp.concatenate([batch["image"], colours.astype(batch["image"].dtype)])
-    grad_fn = jax.grad(lambda p: autoencoder.autoencoder_loss(model, p, x, rng,
-                                                              config.kl_weight), has_aux=True)
-    grads, aux = grad_fn(state["params"])
+    b = batch["image"].shape[0]  # x = [images; label colours]
+
+    def loss_fn(p):
+      loss, aux = autoencoder.autoencoder_loss(model, p, x, rng, config.kl_weight)
+      recon = aux.pop("reconstruction")
+      if config.get("label_ce_weight", 0.0):
+        # What Stage II needs from the autoencoder is that decoded label colours decode back to
+        # the right classes: score the colour reconstructions through the frozen decoder.
+        logits = le_model.apply({"params": le_params}, recon[b:], method=le_model.decode)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        loss = loss + config.label_ce_weight * ce
+        aux = {**aux, "label_ce": ce,
+               "label_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+      return loss, aux
+
+    grads, aux = jax.grad(loss_fn, has_aux=True)(state["params"])
     return _apply_grads(tx, state, grads), aux
 
   it = iter(pipeline.train_dataset(data_config, num_classes))
@@ -116,6 +132,8 @@ def train_autoencoder(config: ml_collections.ConfigDict, data_config: ml_collect
     if step % max(1, config.steps // 5) == 0:
       logging.info("autoencoder step %d: l1 %.4f", step, float(aux["l1"]))
   l1 = float(aux["l1"])
+  label_accuracy = float(aux.get("label_accuracy", float("nan")))
   params_ckpt.save_params(out_dir, state["params"], {
-      "kind": "autoencoder", "config": dataclasses.asdict(ae_cfg), "final_l1": l1})
-  return {"params": state["params"], "l1": l1}
+      "kind": "autoencoder", "config": dataclasses.asdict(ae_cfg), "final_l1": l1,
+      "label_round_trip_accuracy": label_accuracy})
+  return {"params": state["params"], "l1": l1, "label_accuracy": label_accuracy}

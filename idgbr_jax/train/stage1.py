@@ -131,11 +131,6 @@ def evaluate(predict_fn, variables, ds, config, num_classes: int, mesh, rules) -
   return seg_metrics.evaluate_maps(preds, labels, num_classes=num_classes)
 
 
-def _scalar_report(report: dict[str, Any]) -> dict[str, float]:
-  return {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and
-          not isinstance(v, bool)}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains Stage I; resumes from `<workdir>/checkpoints` if present. Returns the last eval."""
   # ----- Workdir & logging -------------------------------------------------------------------
@@ -199,17 +194,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_metrics = m if train_metrics is None else train_metrics.merge(m)
       report_progress(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        scalars = train_metrics.compute()
-        if not np.isfinite(scalars["loss"]):
-          raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
-        writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+        common.write_train_metrics(writer, step, train_metrics)
         train_metrics = None
       if config.eval_every_steps and (step % config.eval_every_steps == 0 or
                                       step == config.num_train_steps):
         with report_progress.timed("eval"):
           last_eval = evaluate(predict_fn, _variables(state), eval_ds, config, num_classes, mesh,
                                rules)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in _scalar_report(last_eval).items()})
+        writer.write_scalars(step, common.report_scalars(last_eval, "eval"))
       if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         ckpt.save(step, state, data_iterator=train_iter, config=config)
   ckpt.wait_until_finished()

@@ -269,10 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_metrics = m if train_metrics is None else train_metrics.merge(m)
       report_progress(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        scalars = train_metrics.compute()
-        if not np.isfinite(scalars["loss"]):
-          raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
-        writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+        common.write_train_metrics(writer, step, train_metrics)
         train_metrics = None
       if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         ckpt.save(step, state, data_iterator=train_iter, config=config)
@@ -280,8 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         from idgbr_jax.inference import refine  # pylint: disable=import-outside-toplevel
         with report_progress.timed("eval"):
           last_eval = refine.evaluate(ref, state["params"], frozen, config, mesh)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()
-                                    if isinstance(v, float)})
+        writer.write_scalars(step, common.report_scalars(last_eval, "eval"))
   ckpt.wait_until_finished()
   ckpt.close()
   return {"state": state, "frozen": frozen, "refiner": ref, "eval": last_eval, "mesh": mesh}
