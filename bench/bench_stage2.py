@@ -402,8 +402,8 @@ def main():
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--num_steps", type=int, default=10, help="DDIM steps")
   parser.add_argument("--guidance_scale", type=float, default=3.0)
-  parser.add_argument("--train_iters", type=int, default=5, help="timed train steps (median)")
-  parser.add_argument("--refine_iters", type=int, default=2, help="timed refinements (median)")
+  parser.add_argument("--train_iters", type=int, default=10, help="timed train steps (median)")
+  parser.add_argument("--refine_iters", type=int, default=3, help="timed refinements (median)")
   parser.add_argument("--skip_torch", action="store_true")
   args = parser.parse_args()
 
