@@ -36,6 +36,7 @@ test: $(VENV)/.stamp-test
 
 bench: $(VENV)/.stamp-test
 	$(PY) bench/bench_metrics.py
+	$(PY) bench/bench_stage2.py
 
 clean:
 	rm -rf $(VENV) .jax_cache workdir
