@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,7 +19,7 @@ from PIL import Image
 from idgbr_jax import checkpoints
 from idgbr_jax.data import pipeline, sources
 from idgbr_jax.parallel import sharding
-from idgbr_jax.train import common, optim, stage1
+from idgbr_jax.train import optim, stage1
 
 
 def load(workdir: str, config: ml_collections.ConfigDict | None = None, mesh=None):
