@@ -14,6 +14,7 @@ differs between the two sources (`DinoV2Config.interpolate_offset`, see the mode
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Mapping
 
@@ -209,3 +210,112 @@ def dinov2_params_from_official(state_dict: Mapping[str, Any], config: DinoV2Con
   out.norm(("norm",), r, "norm")
   r.check_leftovers()
   return _check_shapes(out.params, out.sources, config)
+
+
+# ----- files -------------------------------------------------------------------------------------
+
+# Official DINOv2 backbones use 64-wide heads (vits14: 6, vitb14: 12, vitl14: 16, vitg14: 24);
+# a .pth holds no head count, so it is inferred from this unless given.
+OFFICIAL_HEAD_DIM = 64
+
+
+def _ffn_mlp_ratio(embed_dim: int, hidden: int, ffn: str) -> float:
+  """An mlp_ratio for which `DinoV2Config.ffn_hidden` equals the stored hidden width."""
+  if ffn == "mlp":
+    return hidden / embed_dim
+  for ratio in (4.0, hidden * 1.5 / embed_dim, hidden / embed_dim):
+    if DinoV2Config(embed_dim=embed_dim, depth=1, num_heads=1, mlp_ratio=ratio,
+                    ffn=ffn).ffn_hidden == hidden:
+      return ratio
+  raise ValueError(f"no mlp_ratio gives a SwiGLU hidden width of {hidden} for embed_dim "
+                   f"{embed_dim}")
+
+
+def config_from_official(state_dict: Mapping[str, Any], num_heads: int | None = None,
+                         **overrides) -> DinoV2Config:
+  """A DinoV2Config read off a facebookresearch state dict's shapes (offset 0.1 convention)."""
+  sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state_dict.items()}
+  for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):
+    if key not in sd:
+      raise KeyError(f"DINOv2 state dict is missing {key!r} (not the facebookresearch layout?)")
+  embed_dim = int(np.shape(sd["cls_token"])[-1])
+  patch = int(np.shape(sd["patch_embed.proj.weight"])[-1])
+  grid = int(round(math.sqrt(np.shape(sd["pos_embed"])[1] - 1)))
+  if "blocks.0.mlp.w12.weight" in sd:
+    ffn, hidden = "swiglu", int(np.shape(sd["blocks.0.mlp.w3.weight"])[1])
+  else:
+    ffn, hidden = "mlp", int(np.shape(sd["blocks.0.mlp.fc1.weight"])[0])
+  kwargs = dict(embed_dim=embed_dim, depth=_num_layers(sd, r"blocks\.(\d+)\."),
+                num_heads=num_heads or max(1, embed_dim // OFFICIAL_HEAD_DIM),
+                mlp_ratio=_ffn_mlp_ratio(embed_dim, hidden, ffn), ffn=ffn, patch_size=patch,
+                img_size=grid * patch, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+                interpolate_offset=0.1)
+  kwargs.update(overrides)
+  return DinoV2Config(**kwargs)
+
+
+def config_from_transformers(config_json: Mapping[str, Any], **overrides) -> DinoV2Config:
+  """A DinoV2Config from a transformers `Dinov2Model` config.json (offset 0.0 convention)."""
+  if config_json.get("model_type", "dinov2") != "dinov2":
+    raise ValueError(f"model_type {config_json.get('model_type')!r} is not 'dinov2'")
+  if config_json.get("num_register_tokens"):
+    raise ValueError("DINOv2-with-registers is not supported")
+  act = config_json.get("hidden_act", "gelu")
+  swiglu = bool(config_json.get("use_swiglu_ffn", False))
+  if not swiglu and act != "gelu":
+    raise ValueError(f"hidden_act {act!r} is not supported (only 'gelu')")
+  embed_dim = int(config_json.get("hidden_size", 768))
+  kwargs = dict(embed_dim=embed_dim, depth=int(config_json.get("num_hidden_layers", 12)),
+                num_heads=int(config_json.get("num_attention_heads", 12)),
+                mlp_ratio=float(config_json.get("mlp_ratio", 4)),
+                ffn="swiglu" if swiglu else "mlp",
+                patch_size=int(config_json.get("patch_size", 14)),
+                img_size=int(config_json.get("image_size", 518)),
+                layerscale_init=float(config_json.get("layerscale_value", 1.0)),
+                layer_norm_eps=float(config_json.get("layer_norm_eps", 1e-6)),
+                qkv_bias=bool(config_json.get("qkv_bias", True)), interpolate_offset=0.0)
+  kwargs.update(overrides)
+  return DinoV2Config(**kwargs)
+
+
+def load_dinov2(path, *, num_heads: int | None = None, dtype=None, **overrides):
+  """Reads DINOv2 weights: an official `.pth` (e.g. `dinov2_vitg14_pretrain.pth`, what IDGBR
+  loads) or a transformers `Dinov2Model` folder (config.json + model.safetensors / .bin).
+
+  The config is read off the file: for a `.pth`, from tensor shapes, with
+  `num_heads = embed_dim // 64` (all official backbones) unless given; `overrides` set any other
+  DinoV2Config field (e.g. `interpolate_offset`).
+
+  Returns:
+    (DinoV2 module, float32 params).
+
+  Raises:
+    ConversionError: naming the file and the offending key.
+  """
+  # pylint: disable=import-outside-toplevel
+  import os
+
+  from idgbr_jax.convert import files
+  path = os.fspath(path)
+  try:
+    if os.path.isdir(path):
+      config_path = os.path.join(path, "config.json")
+      cfg_json = files.read_json(config_path)
+      try:
+        config = config_from_transformers(cfg_json, **overrides)
+      except ValueError as e:
+        raise files.ConversionError(f"{config_path}: {e}") from e
+      where = files.find_weights(path, ("model", "pytorch_model"))
+      params = dinov2_params_from_transformers(files.read_state_dict(where), config)
+    else:
+      where = path
+      sd = files.read_state_dict(path)
+      config = config_from_official(sd, num_heads, **overrides)
+      params = dinov2_params_from_official(sd, config)
+  except files.ConversionError:
+    raise
+  except (ValueError, KeyError) as e:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    raise files.ConversionError(f"{where}: {msg}") from e
+  kw = {} if dtype is None else {"dtype": dtype}
+  return DinoV2(config, **kw), jax.tree.map(lambda x: np.asarray(x, np.float32), params)
