@@ -32,8 +32,11 @@ def _base_dataset(cfg: ml_collections.ConfigDict, split: str, num_classes: int,
     source = sources.Subset(source, indices)
   ds = grain.MapDataset.source(source)
   ds = ds.map(transforms.ParseExample(num_classes, cfg.ignore_index, cfg.binarize_labels))
-  if coarse_dir:
-    ds = ds.map(transforms.AttachCoarse(coarse_dir, num_classes))
+  resize = cfg.get("resize", 0)
+  if resize:  # the model's input size; labels and stored coarse maps follow (nearest)
+    ds = ds.map(transforms.Resize(resize))
+  if coarse_dir:  # replaces a stored `coarse`; with `resize`, maps of any size are resized
+    ds = ds.map(transforms.AttachCoarse(coarse_dir, num_classes, resize_mismatched=bool(resize)))
   return ds
 
 

@@ -1,11 +1,16 @@
 """Random-access data sources (TFDS ArrayRecord through `as_data_source`), with clear errors.
 
-A source yields dicts with `image` (H,W,3 uint8), `label` (H,W[,1] uint8 class indices) and `id`.
-`synthetic_rs` is built on first use (it ships with the repo); other TFDS datasets must already be
-prepared in `data_dir` (see datasets/ for the builders).
+A source yields dicts with `image` (H,W,3 uint8), `label` (H,W[,1] uint8 class indices) and `id`
+(and `coarse` for datasets that store coarse maps). `synthetic_rs` is built on first use (it ships
+with the repo); the real datasets (`DATASETS`: CHN6-CUG, FGFD, WHU-Building, Potsdam, Vaihingen,
+the original's data package) must already be prepared in `data_dir` from their manual downloads
+(see datasets/ and the README). Their builder modules are imported here, so `tfds.builder` finds
+them by name.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 from typing import Any
 
@@ -55,6 +60,71 @@ class Subset:
     return self._source[int(self._indices[index])]
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the configs need to know about a real dataset, and where its TFDS builder lives.
+
+  Attributes:
+    module: importing it registers the builder with TFDS.
+    tfds_config: the default builder config.
+    num_classes: logits the model predicts.
+    image_size: side of the stored examples (tiles) under the default config.
+    eval_label_values: label value of each scored class (Potsdam/Vaihingen: clutter excluded).
+    train_split, eval_split: TFDS split names.
+    stored_coarse: the records carry `coarse` (Stage II needs no coarse_dir).
+    build_command: how to prepare it (for error messages and the README).
+  """
+  module: str
+  tfds_config: str
+  num_classes: int
+  image_size: int
+  eval_label_values: tuple[int, ...]
+  train_split: str = "train"
+  eval_split: str = "test"
+  stored_coarse: bool = False
+  build_command: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "chn6_cug": DatasetSpec("datasets.chn6_cug", "default", 2, 512, (0, 1),
+                            build_command="python -m datasets.chn6_cug --manual_dir=DIR"),
+    "fgfd": DatasetSpec("datasets.fgfd", "default", 2, 512, (0, 1),
+                        build_command="python -m datasets.fgfd --manual_dir=DIR"),
+    "whu_building": DatasetSpec("datasets.whu_building", "default", 2, 512, (0, 1),
+                                build_command="python -m datasets.whu_building --manual_dir=DIR"),
+    # class_order "idgbr": clutter 0, impervious 1 .. car 5; scored on 1..5 as the original.
+    "potsdam": DatasetSpec("datasets.isprs", "irrg_t512_s512", 6, 512, (1, 2, 3, 4, 5),
+                           build_command="python -m datasets.isprs potsdam --manual_dir=DIR"),
+    "vaihingen": DatasetSpec("datasets.isprs", "irrg_t512_s512", 6, 512, (1, 2, 3, 4, 5),
+                             build_command="python -m datasets.isprs vaihingen --manual_dir=DIR"),
+    # The original's repo-ready package; config "chn6_cug" (2 classes) or "potsdam" (6).
+    "idgbr_package": DatasetSpec(
+        "datasets.idgbr_package", "chn6_cug", 2, 512, (0, 1), stored_coarse=True,
+        build_command="python -m datasets.idgbr_package --manual_dir=examples/<Dataset>"),
+}
+
+
+def register_builder(name: str) -> None:
+  """Imports the builder module of a known dataset so `tfds.builder(name)` resolves it."""
+  spec = DATASETS.get(name)
+  if spec is not None:
+    importlib.import_module(spec.module)
+
+
+def _prepared_dir(data_dir: str, name: str, config: str | None) -> str | None:
+  """`<data_dir>/<name>/<config>/<newest version>` if a build is there, else None."""
+  base = os.path.join(data_dir, name, *([config] if config else []))
+  if not os.path.isdir(base):
+    return None
+  versions = [v for v in os.listdir(base)
+              if os.path.isfile(os.path.join(base, v, "dataset_info.json"))]
+  if not versions:
+    return None
+  newest = max(versions, key=lambda v: tuple(int(p) if p.isdigit() else 0
+                                             for p in v.split(".")))
+  return os.path.join(base, newest)
+
+
 def _synthetic_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(task=cfg.task, image_size=cfg.image_size, num_train=cfg.num_train,
               num_test=cfg.num_test, seed=cfg.dataset_seed)
@@ -80,18 +150,68 @@ def get_source(cfg: ml_collections.ConfigDict, split: str) -> CheckedSource:
     builder = synthetic_rs.build(data_dir, **_synthetic_kwargs(cfg))
   else:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    name = cfg.name if not cfg.get("tfds_config") else f"{cfg.name}/{cfg.tfds_config}"
+    config_name = cfg.get("tfds_config") or None
+    name = cfg.name if not config_name else f"{cfg.name}/{config_name}"
+    register_builder(cfg.name)
+    spec = DATASETS.get(cfg.name)
+    how = (f"build it with `{spec.build_command} --data_dir={data_dir}"
+           f"{' --config=' + config_name if config_name else ''}`" if spec else
+           "build it first")
+    prepared = _prepared_dir(data_dir, cfg.name, config_name)
     try:
       builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except Exception as e:  # noqa: BLE001
-      raise DataError(f"dataset {name!r} not found in {data_dir}: {e}") from e
+      if prepared is None:
+        raise DataError(f"dataset {name!r} not found in {data_dir}: {e}; {how} "
+                        f"(see datasets/ and the README)") from e
+      # A build with non-predefined parameters (e.g. another tile size): read it from its
+      # directory; no builder class is needed to read prepared files.
+      builder = tfds.builder_from_directory(prepared)
     if not builder.is_prepared():
-      raise DataError(f"dataset {name!r} is not prepared in {data_dir}; build it first "
+      raise DataError(f"dataset {name!r} is not prepared in {data_dir}; {how} "
                       f"(see datasets/ and the README)")
   if split not in builder.info.splits:
     raise DataError(f"split {split!r} not in {builder.info.full_name}; "
                     f"available: {sorted(builder.info.splits)}")
   return CheckedSource(builder.as_data_source(split), f"{builder.info.full_name}[{split}]")
+
+
+def data_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """`config.data` for a real dataset of `DATASETS`, with the pipeline's defaults.
+
+  Fields beyond the synthetic configs': `tfds_config` (the TFDS builder config), `resize`
+  (0: keep the stored size), `eval_num_classes` / `eval_label_values` (what the original scores,
+  e.g. Potsdam 5 classes on values 1..5), `stored_coarse` (records carry `coarse`).
+  """
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+  spec = DATASETS[name]
+  data = ml_collections.ConfigDict()
+  data.name = name
+  data.tfds_config = spec.tfds_config
+  data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  data.num_classes = spec.num_classes
+  data.image_size = spec.image_size      # the side the model sees (after `resize`)
+  data.resize = 0                        # >0: resize (image bilinear, maps nearest) to this
+  data.eval_num_classes = len(spec.eval_label_values)
+  data.eval_label_values = tuple(spec.eval_label_values)
+  data.train_split = spec.train_split
+  data.eval_split = spec.eval_split
+  data.coarse_dir = ml_collections.FieldReference(None, field_type=str)  # <dir>/<split>/<id>.png
+  data.stored_coarse = spec.stored_coarse
+  data.crop_size = 0
+  data.augment = "fliprot"
+  data.normalization = "imagenet"
+  data.binarize_labels = False           # builders already store class indices
+  data.ignore_index = 255
+  data.num_folds = 0
+  data.fold = 0
+  data.num_workers = 0
+  for key, value in overrides.items():
+    if key not in data:
+      raise ValueError(f"unknown data config field {key!r}; allowed: {sorted(data)}")
+    data[key] = value
+  return data
 
 
 def as_label_map(label: np.ndarray) -> np.ndarray:

@@ -33,15 +33,21 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, where: s
 
 @dataclasses.dataclass(frozen=True)
 class ParseExample(grain.transforms.Map):
-  """TFDS record -> {'image': uint8 HWC, 'label': int32 HW, 'id': str}, with label checks."""
+  """TFDS record -> {'image': uint8 HWC, 'label': int32 HW, 'id': str[, 'coarse': int32 HW]}.
+
+  A stored `coarse` map (e.g. the original's data package) is kept, binarised like the label
+  when `binarize_labels`, and checked against `num_classes`.
+  """
   num_classes: int
   ignore_index: int = 255
   binarize_labels: bool = False
+  num_channels: int = 3
 
   def map(self, element: Example) -> Example:
     image = np.asarray(element["image"])
-    if image.ndim != 3 or image.shape[-1] != 3:
-      raise DataError(f"example {_id(element)}: image shape {image.shape}, expected (H,W,3)")
+    if image.ndim != 3 or image.shape[-1] != self.num_channels:
+      raise DataError(f"example {_id(element)}: image shape {image.shape}, expected "
+                      f"(H,W,{self.num_channels})")
     label = as_label_map(element["label"])
     if label.shape != image.shape[:2]:
       raise DataError(f"example {_id(element)}: label shape {label.shape} != image "
@@ -51,15 +57,27 @@ class ParseExample(grain.transforms.Map):
     check_label(label, self.num_classes, self.ignore_index, f"example {_id(element)}")
     out = {"image": image, "label": label, "id": _id(element)}
     if "coarse" in element:
-      out["coarse"] = as_label_map(element["coarse"])
+      coarse = as_label_map(element["coarse"])
+      if coarse.shape != label.shape:
+        raise DataError(f"example {_id(element)}: stored coarse shape {coarse.shape} != label "
+                        f"{label.shape}")
+      if self.binarize_labels:
+        coarse = (coarse != 0).astype(np.int32)
+      check_label(coarse, self.num_classes, -1, f"example {_id(element)} (stored coarse)")
+      out["coarse"] = coarse
     return out
 
 
 @dataclasses.dataclass(frozen=True)
 class AttachCoarse(grain.transforms.Map):
-  """Adds `coarse` (a Stage I map) read from `<coarse_dir>/<id>.png`; a missing file is an error."""
+  """Adds `coarse` (a Stage I map) read from `<coarse_dir>/<id>.png`; a missing file is an error.
+
+  A map whose size differs from the label's is an error, unless `resize_mismatched` (set when
+  the pipeline resizes examples): then it is resized to the label's size, nearest neighbour.
+  """
   coarse_dir: str
   num_classes: int
+  resize_mismatched: bool = False
 
   def map(self, element: Example) -> Example:
     path = os.path.join(self.coarse_dir, f"{element['id']}.png")
@@ -73,13 +91,37 @@ class AttachCoarse(grain.transforms.Map):
     if coarse.ndim == 3:
       coarse = coarse[..., 0]
     if coarse.shape != element["label"].shape:
-      raise DataError(f"coarse map {path} has shape {coarse.shape}, label has "
-                      f"{element['label'].shape}")
+      if not self.resize_mismatched:
+        raise DataError(f"coarse map {path} has shape {coarse.shape}, label has "
+                        f"{element['label'].shape}")
+      h, w = element["label"].shape
+      coarse = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize(
+          (w, h), Image.NEAREST)).astype(np.int32)
     check_label(coarse, self.num_classes, -1, f"coarse map {path}")
     return {**element, "coarse": coarse}
 
 
 _SPATIAL_KEYS = ("image", "label", "coarse")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize(grain.transforms.Map):
+  """Resizes to size x size as the original's ResizeI2S: image bilinear, maps nearest (PIL)."""
+  size: int
+
+  def map(self, element: Example) -> Example:
+    target = (self.size, self.size)
+    out = dict(element)
+    for key in _SPATIAL_KEYS:
+      if key not in element or element[key].shape[:2] == target:
+        continue
+      value = element[key]
+      if key == "image":
+        out[key] = np.asarray(Image.fromarray(value).resize(target, Image.BILINEAR))
+      else:  # class maps: nearest keeps them valid indices (255 stays 255)
+        out[key] = np.asarray(Image.fromarray(value.astype(np.uint8)).resize(
+            target, Image.NEAREST)).astype(value.dtype)
+    return out
 
 
 def _apply(element: Example, fn) -> Example:
