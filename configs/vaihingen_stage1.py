@@ -1,4 +1,5 @@
-r"""Stage I (discriminative segmenter) on ISPRS Vaihingen (6 classes, IRRG 512x512 patches; scored on label values 1..5).
+r"""Stage I (discriminative segmenter) on ISPRS Vaihingen (6 classes, IRRG 512x512 patches,
+scored on label values 1..5).
 
   python -m datasets.isprs vaihingen --manual_dir=DIR --data_dir=$TFDS_DATA_DIR
   idgbr train --config=configs/vaihingen_stage1.py:segformer --workdir=/tmp/vaihingen_s1 \

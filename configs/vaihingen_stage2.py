@@ -1,4 +1,5 @@
-r"""Stage II (the IDGBR refiner) on ISPRS Vaihingen (6 classes, IRRG 512x512 patches; scored on label values 1..5).
+r"""Stage II (the IDGBR refiner) on ISPRS Vaihingen (6 classes, IRRG 512x512 patches,
+scored on label values 1..5).
 
   idgbr train --config=configs/vaihingen_stage2.py:ablation=full --workdir=/tmp/vaihingen_s2 \
       --config.data.data_dir=$TFDS_DATA_DIR --config.data.coarse_dir=/tmp/vaihingen_s1/coarse \

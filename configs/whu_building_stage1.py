@@ -1,4 +1,5 @@
-r"""Stage I (discriminative segmenter) on WHU-Building aerial building extraction (binary, 512x512 tiles).
+r"""Stage I (discriminative segmenter) on WHU-Building aerial building extraction
+(binary, 512x512 tiles).
 
   python -m datasets.whu_building --manual_dir=DIR --data_dir=$TFDS_DATA_DIR
   idgbr train --config=configs/whu_building_stage1.py:segformer --workdir=/tmp/whu_building_s1 \

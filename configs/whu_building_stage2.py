@@ -1,4 +1,5 @@
-r"""Stage II (the IDGBR refiner) on WHU-Building aerial building extraction (binary, 512x512 tiles).
+r"""Stage II (the IDGBR refiner) on WHU-Building aerial building extraction
+(binary, 512x512 tiles).
 
   idgbr train --config=configs/whu_building_stage2.py:ablation=full --workdir=/tmp/whu_building_s2 \
       --config.data.data_dir=$TFDS_DATA_DIR --config.data.coarse_dir=/tmp/whu_building_s1/coarse \

@@ -394,7 +394,7 @@ class PairedConfig(tfds.core.BuilderConfig):
 
 
 class PairedFolderBuilder(ManualBuilder, skip_registration=True):
-  """`<split folder>/<IMAGE_DIR>/<key><IMAGE_SUFFIX>.*` paired with `<LABEL_DIR>/<key><LABEL_SUFFIX>.*`.
+  """Pairs `<split>/<IMAGE_DIR>/<key><IMAGE_SUFFIX>.*` with `<LABEL_DIR>/<key><LABEL_SUFFIX>.*`.
 
   Subclasses set SPLITS ({tfds split: (candidate folder names, required)}), the folder and suffix
   names, and `decode_label(raw, path) -> (H,W) uint8`.

@@ -273,7 +273,8 @@ class Potsdam(IsprsBuilder):
   DESCRIPTION = ("ISPRS 2D semantic labelling, Potsdam: 38 true orthophoto tiles of 6000x6000 px "
                  "at 5 cm; impervious surfaces, building, low vegetation, tree, car, clutter. "
                  "24 train / 14 test tiles.")
-  HOMEPAGE = "https://www.isprs.org/resources/datasets/benchmarks/UrbanSemLab/2d-sem-label-potsdam.aspx"
+  HOMEPAGE = ("https://www.isprs.org/resources/datasets/benchmarks/UrbanSemLab/"
+              "2d-sem-label-potsdam.aspx")
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Request ISPRS Potsdam (https://www.isprs.org/resources/datasets/benchmarks/UrbanSemLab/) and unzip
 into manual_dir (only the composite you build and the labels you use are needed):
@@ -301,11 +302,13 @@ class Vaihingen(IsprsBuilder):
   DEFAULT_BUILDER_CONFIG_NAME = config_name()
   DESCRIPTION = ("ISPRS 2D semantic labelling, Vaihingen: 33 IRRG true orthophoto tiles "
                  "(~2500x2000 px) at 9 cm; six classes. 16 train / 17 test tiles.")
-  HOMEPAGE = "https://www.isprs.org/resources/datasets/benchmarks/UrbanSemLab/2d-sem-label-vaihingen.aspx"
+  HOMEPAGE = ("https://www.isprs.org/resources/datasets/benchmarks/UrbanSemLab/"
+              "2d-sem-label-vaihingen.aspx")
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Request ISPRS Vaihingen (https://www.isprs.org/resources/datasets/benchmarks/UrbanSemLab/) and
 lay out manual_dir as
-  top/top_mosaic_09cm_area<N>.tif                                  (from ISPRS_semantic_labeling_Vaihingen.zip)
-  ground_truth_COMPLETE/top_mosaic_09cm_area<N>.tif                (..._ground_truth_COMPLETE.zip)
-  ground_truth_eroded_COMPLETE/top_mosaic_09cm_area<N>_noBoundary.tif   (..._eroded_COMPLETE.zip; eroded=True)
+  top/top_mosaic_09cm_area<N>.tif        (from ISPRS_semantic_labeling_Vaihingen.zip)
+  ground_truth_COMPLETE/top_mosaic_09cm_area<N>.tif     (from ..._ground_truth_COMPLETE.zip)
+  ground_truth_eroded_COMPLETE/top_mosaic_09cm_area<N>_noBoundary.tif
+                                         (from ..._ground_truth_eroded_COMPLETE.zip; eroded=True)
 """
