@@ -15,6 +15,8 @@ COMMANDS = {
     "evaluate": ("idgbr_jax.commands.evaluate", "region + boundary metrics of maps against labels"),
     "refine": ("idgbr_jax.commands.refine", "refine coarse maps with a trained Stage II model"),
     "demo": ("idgbr_jax.commands.demo", "the whole method on the embedded synthetic dataset"),
+    "convert": ("idgbr_jax.commands.convert", "import diffusers / DINOv2 / IDGBR / CLIP weights"),
+    "export": ("idgbr_jax.commands.export", "write weights as diffusers or original IDGBR files"),
 }
 
 

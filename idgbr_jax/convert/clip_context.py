@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from idgbr_jax.convert import files
 from idgbr_jax.convert.files import ConversionError
 
 
@@ -27,6 +28,10 @@ def _resolve(src: str, tokenizer: str | None) -> tuple[str, str]:
     raise ConversionError(f"{os.path.join(enc, 'config.json')}: not found (pass a Stable "
                           "Diffusion folder with text_encoder/ and tokenizer/, or a "
                           "CLIPTextModel folder plus --tokenizer)")
+  model_type = files.read_json(os.path.join(enc, "config.json")).get("model_type")
+  if model_type not in ("clip_text_model", "clip"):
+    raise ConversionError(f"{os.path.join(enc, 'config.json')}: model_type {model_type!r} is not "
+                          "a CLIP text encoder ('clip_text_model')")
   if tok is None:
     if os.path.isfile(os.path.join(enc, "vocab.json")):
       tok = enc

@@ -1,0 +1,51 @@
+"""idgbr convert --from=diffusers|dinov2|idgbr|clip --src=PATH --dst=PATH
+
+Converts PyTorch-side weights into params checkpoints (`params/` + `meta.json`) that Stage II
+configs point at:
+
+  --from=diffusers  a diffusers UNet2DConditionModel or AutoencoderKL folder (e.g. SD-1.5's
+                    unet/ or vae/)             -> DST  (--config.init.unet / init.autoencoder)
+  --from=dinov2     official dinov2_vit*14_pretrain.pth, or a transformers Dinov2Model folder
+                                               -> DST  (--config.init.teacher)
+  --from=idgbr      an original IDGBR checkpoint-N/ or pipeline folder
+                                               -> DST/{unet,guidance,label_embed,vae,projector}
+                    or a labelembednet{2,8} folder / .safetensors -> DST (init.label_embed)
+  --from=clip       a Stable Diffusion folder (text_encoder/ + tokenizer/) or a CLIPTextModel
+                    folder with --tokenizer    -> DST, a .npy of the empty-prompt context
+                                                  (--config.init.context)
+
+Nothing is downloaded: every path is local.
+"""
+import sys
+
+from absl import flags
+
+from idgbr_jax.commands import _runtime
+
+_FROM = flags.DEFINE_enum("from", None, ["diffusers", "dinov2", "idgbr", "clip"],
+                          "Format of --src.")
+_SRC = flags.DEFINE_string("src", None, "Input folder or file.")
+_DST = flags.DEFINE_string("dst", None, "Output checkpoint directory (a .npy for --from=clip).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                 "--from=clip: tokenizer folder, when --src has none.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", None,
+                                  "--from=dinov2 with a .pth: attention heads (default "
+                                  "embed_dim // 64, as every official backbone).")
+flags.mark_flags_as_required(["from", "src", "dst"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  _runtime.setup()
+  from idgbr_jax.convert import checkpoint_io, files  # pylint: disable=import-outside-toplevel
+  try:
+    written = checkpoint_io.convert_to_checkpoints(_FROM.value, _SRC.value, _DST.value,
+                                                   tokenizer=_TOKENIZER.value,
+                                                   num_heads=_NUM_HEADS.value)
+  except files.ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for part, path in written.items():
+    print(f"{part}: {path}")
+  return 0
