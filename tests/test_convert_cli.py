@@ -197,5 +197,6 @@ def test_export_cli_round_trip_and_errors(sd_folder, converted, tmp_path):
     checkpoint_io.export_checkpoint(str(tmp_path), "diffusers", str(tmp_path / "x"))
   with pytest.raises(convert.ConversionError, match=r"\.npy"):
     checkpoint_io.convert_to_checkpoints("clip", str(sd), str(tmp_path / "ctx"))
-  with pytest.raises(convert.ConversionError, match=r"unet/config.json: model_type None is not a CLIP text encoder"):
+  with pytest.raises(convert.ConversionError,
+                     match=r"unet/config.json: model_type None is not a CLIP text encoder"):
     checkpoint_io.convert_to_checkpoints("clip", str(sd / "unet"), str(tmp_path / "c.npy"))

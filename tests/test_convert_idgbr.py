@@ -164,7 +164,8 @@ def test_export_idgbr_round_trip_is_exact(original, tmp_path):
   cfg = json.loads((tmp_path / "export" / "unet_gen" / "config.json").read_text())
   assert cfg["_class_name"] == "UNet2DConditionNewModel"
   ic = json.loads((tmp_path / "export" / "interact_net" / "config.json").read_text())
-  assert ic["in_channels"] == [16, 16, 16, 32, 32] and ic["block_out_resolutions"] == [8, 8, 4, 4, 4]
+  assert ic["in_channels"] == [16, 16, 16, 32, 32]
+  assert ic["block_out_resolutions"] == [8, 8, 4, 4, 4]
   # import(export(p)) == p.
   again = convert.load_idgbr(out)
   for name in ("unet", "guidance", "label_embed", "projector"):
@@ -201,7 +202,8 @@ def test_code_mode_interactnet_and_label_embed_file(tmp_path):
 
 def test_idgbr_errors_name_file_and_key(original, tmp_path):
   root, *_ = original
-  with pytest.raises(convert.ConversionError, match=r"not an IDGBR checkpoint, missing \['unet_gen'"):
+  with pytest.raises(convert.ConversionError,
+                     match=r"not an IDGBR checkpoint, missing \['unet_gen'"):
     convert.load_idgbr(tmp_path)
   # interact_net with a key removed / an extra key / a wrong shape.
   name = "diffusion_pytorch_model.safetensors"
