@@ -73,6 +73,9 @@ def get_config(arg=None):
   config.diffusion.sample_posterior = True  # the original samples the VAE latent
   config.diffusion.num_inference_steps = 25
   config.diffusion.guidance_scale = 3.0
+  # ours: 1.0 starts DDIM from pure noise (the original); s < 1 starts from the coarse latent
+  # noised to the step that leaves int(s * steps) steps (img2img), keeping the coarse layout.
+  config.diffusion.strength = 1.0
   config.diffusion.sampling_seed = 42
 
   config.repa = ml_collections.ConfigDict()

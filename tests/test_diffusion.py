@@ -296,3 +296,41 @@ def test_sampler_keeps_carry_dtype():
   out = diffusion.ddim_sample(lambda z, t: (0.1 * z).astype(jnp.bfloat16), z_T, sched, 5)
   assert out.dtype == jnp.bfloat16
   assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("strength", [0.4, 0.75])
+def test_img2img_start_matches_diffusers_img2img_loop(strength):
+  """strength < 1: diffusers' img2img (`get_timesteps` + `add_noise` at the first kept step, then
+  the scheduler loop over the tail) from the same initial latent and noise."""
+  torch = pytest.importorskip("torch")
+  a, b, num_steps = 0.3, 0.5, 10
+  ref = _ddim_scheduler()
+  ref.set_timesteps(num_steps)
+  run = min(int(num_steps * strength), num_steps)
+  tail = ref.timesteps[num_steps - run:]
+  z_init = np.asarray(jax.random.normal(jax.random.key(3), (2, 8, 8, 4)), np.float32)
+  noise = np.asarray(jax.random.normal(jax.random.key(4), (2, 8, 8, 4)), np.float32)
+  z = ref.add_noise(torch.from_numpy(z_init), torch.from_numpy(noise), tail[:1])
+  for t in tail:
+    eps = torch.from_numpy((a * z.numpy() + b * np.sin(np.float32(int(t)) / 100.0))
+                           .astype(np.float32))
+    z = ref.step(eps, t, z, eta=0.0).prev_sample
+  expected = z.numpy()
+
+  sched = diffusion.make_schedule()
+  z_start = diffusion.noised_start(sched, jnp.asarray(z_init), jnp.asarray(noise), num_steps,
+                                   strength)
+  ours = jax.jit(lambda z0: diffusion.ddim_sample(_analytic_eps(a, b), z0, sched, num_steps,
+                                                  strength=strength))(z_start)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  assert diffusion.start_timestep_index(num_steps, strength) == num_steps - run
+
+
+def test_strength_is_validated():
+  for bad in (0.0, 1.5, -1.0):
+    with pytest.raises(ValueError, match="strength"):
+      diffusion.start_timestep_index(10, bad)
+  with pytest.raises(ValueError, match="runs no step"):
+    diffusion.start_timestep_index(4, 0.2)  # int(0.8) = 0 steps
+  assert diffusion.start_timestep_index(25, 1.0) == 0

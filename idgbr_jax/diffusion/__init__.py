@@ -1,5 +1,5 @@
 """Diffusion: the DDIM noise schedule, training-noise helpers and the scan-based DDIM sampler."""
-from idgbr_jax.diffusion.sampler import ddim_sample, ddim_step
+from idgbr_jax.diffusion.sampler import ddim_sample, ddim_step, noised_start, start_timestep_index
 from idgbr_jax.diffusion.schedule import (
     NoiseSchedule,
     add_noise,
@@ -19,5 +19,7 @@ __all__ = [
     "ddim_timestep_pairs",
     "ddim_timesteps",
     "make_schedule",
+    "noised_start",
     "sample_timesteps",
+    "start_timestep_index",
 ]

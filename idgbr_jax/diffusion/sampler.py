@@ -24,7 +24,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from idgbr_jax.diffusion.schedule import NoiseSchedule, ddim_timestep_pairs
+from idgbr_jax.diffusion.schedule import NoiseSchedule, add_noise, ddim_timestep_pairs
 
 EpsFn = Callable[[jax.Array, jax.Array], "jax.Array | tuple[jax.Array, jax.Array]"]
 
@@ -83,8 +83,8 @@ def ddim_step(schedule: NoiseSchedule, eps: jax.Array, t: jax.Array, t_prev: jax
 def ddim_sample(eps_fn: EpsFn, z_T: jax.Array, schedule: NoiseSchedule, num_steps: int,
                 guidance_scale: float | jax.Array | None = None, *,
                 timestep_spacing: str = "leading", steps_offset: int = 1, unroll: int = 1,
-                clip_sample: float | None = None, return_trajectory: bool = False
-                ) -> jax.Array | tuple[jax.Array, jax.Array]:
+                clip_sample: float | None = None, return_trajectory: bool = False,
+                strength: float = 1.0) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Runs deterministic (η = 0) DDIM from z_T down to z_0 with `jax.lax.scan`.
 
   The scan carry is z_t and its inputs are the (t, t_prev) pairs of diffusers'
@@ -104,14 +104,19 @@ def ddim_sample(eps_fn: EpsFn, z_T: jax.Array, schedule: NoiseSchedule, num_step
     steps_offset: diffusers' `steps_offset` (1 for SD-1.5).
     unroll: `jax.lax.scan` unroll factor.
     clip_sample: optional x̂0 clipping range (None = off, as in SD-1.5).
-    return_trajectory: also return the latents after every step, [num_steps, *z_T.shape]
+    return_trajectory: also return the latents after every step, [num_steps', *z_T.shape]
       (the last entry is the returned z_0), for debugging.
+    strength: in (0, 1]; 1 starts from pure noise (IDGBR). Below 1 only the last
+      steps from `start_timestep_index(num_steps, strength)` on run (diffusers' img2img
+      semantics) and `z_T` must be a latent noised to that step's timestep (`noised_start`).
 
   Returns:
     z_0, or (z_0, trajectory) when `return_trajectory` is True.
   """
   t_seq, t_prev_seq = ddim_timestep_pairs(schedule.num_train_timesteps, num_steps,
                                           timestep_spacing, steps_offset)
+  first = start_timestep_index(num_steps, strength)
+  t_seq, t_prev_seq = t_seq[first:], t_prev_seq[first:]
 
   def body(z_t, ts):
     t, t_prev = ts
@@ -129,3 +134,25 @@ def ddim_sample(eps_fn: EpsFn, z_T: jax.Array, schedule: NoiseSchedule, num_step
   if return_trajectory:
     return z_0, trajectory
   return z_0
+
+
+def start_timestep_index(num_steps: int, strength: float) -> int:
+  """First DDIM step that runs at `strength` (diffusers' img2img: int(num_steps * strength) steps
+  run, the leading ones are skipped)."""
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength must be in (0, 1], got {strength}")
+  run = min(int(num_steps * strength), num_steps)
+  if run < 1:
+    raise ValueError(f"strength {strength} with {num_steps} steps runs no step; raise either")
+  return num_steps - run
+
+
+def noised_start(schedule: NoiseSchedule, z_init: jax.Array, noise: jax.Array, num_steps: int,
+                 strength: float, *, timestep_spacing: str = "leading",
+                 steps_offset: int = 1) -> jax.Array:
+  """`z_init` noised to the first timestep that runs at `strength` (q(z_t | z_init)); with
+  strength 1 this is still a noised z_init (not pure noise), as in diffusers' img2img."""
+  t_seq, _ = ddim_timestep_pairs(schedule.num_train_timesteps, num_steps, timestep_spacing,
+                                 steps_offset)
+  t = jnp.full((z_init.shape[0],), t_seq[start_timestep_index(num_steps, strength)], jnp.int32)
+  return add_noise(schedule, z_init, noise, t)

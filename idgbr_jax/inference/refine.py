@@ -30,6 +30,8 @@ def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, f
   num_steps = int(d.num_inference_steps)
   scale = float(d.guidance_scale)
   use_cfg = scale != 1.0
+  strength = float(d.get("strength", 1.0))
+  diffusion.start_timestep_index(num_steps, strength)  # validates before tracing
 
   @functools.partial(
       jax.jit,
@@ -42,12 +44,18 @@ def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, f
     h = ref.latent_size(image.shape[1])
     z_T = jax.random.normal(r_noise, (image.shape[0], h, h, ref.config.denoiser.in_channels),
                             jnp.float32)
+    if strength < 1.0:  # ours: start from the noised coarse latent instead of pure noise
+      if not d.use_coarse:
+        raise ValueError("diffusion.strength < 1 starts from the coarse latent; it needs "
+                         "diffusion.use_coarse=True")
+      z_T = diffusion.noised_start(schedule, cond.coarse_latent.astype(jnp.float32), z_T,
+                                   num_steps, strength)
     if use_cfg:
       eps_fn = lambda z, t: ref.eps_cfg(trainable, frozen, z, t, cond)  # noqa: E731
     else:
       eps_fn = lambda z, t: ref.eps(trainable, frozen, z, t, cond)[0]  # noqa: E731
     z0 = diffusion.ddim_sample(eps_fn, z_T, schedule, num_steps,
-                               scale if use_cfg else None)
+                               scale if use_cfg else None, strength=strength)
     logits = ref.decode_logits(frozen, z0)
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
@@ -88,9 +96,9 @@ def evaluate(ref, trainable, frozen, config, mesh, split: str | None = None) -> 
     refined.append(r)
     coarse.append(c)
     labels.append(l)
-  k = sources.num_classes(config.data)
-  return {"refined": metrics.evaluate_maps(refined, labels, num_classes=k),
-          "coarse": metrics.evaluate_maps(coarse, labels, num_classes=k)}
+  kwargs = common.eval_kwargs(config.data, sources.num_classes(config.data))
+  return {"refined": metrics.evaluate_maps(refined, labels, **kwargs),
+          "coarse": metrics.evaluate_maps(coarse, labels, **kwargs)}
 
 
 def load(workdir: str, config: ml_collections.ConfigDict | None = None):

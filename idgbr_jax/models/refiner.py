@@ -57,6 +57,7 @@ class Conditions(NamedTuple):
   img_mid: jax.Array
   coarse_skips: tuple
   coarse_mid: jax.Array
+  coarse_latent: jax.Array | None = None  # the VAE latent of the coarse map (img2img starts)
 
 
 class Refiner:
@@ -132,7 +133,8 @@ class Refiner:
                                  method=self.unet.encode)
     skips = jax.lax.stop_gradient(skips)
     mid = jax.lax.stop_gradient(mid)
-    return Conditions(tuple(s[:b] for s in skips), mid[:b], tuple(s[b:] for s in skips), mid[b:])
+    return Conditions(tuple(s[:b] for s in skips), mid[:b], tuple(s[b:] for s in skips), mid[b:],
+                      z_coarse)
 
   # ----- the noise predictor ------------------------------------------------------------------
   def _guided(self, trainable: Params, frozen: Params, z_t, t, cond: Conditions):
