@@ -102,3 +102,13 @@ def report_scalars(report: dict, prefix: str) -> dict[str, float]:
     elif isinstance(v, (int, float)) and not isinstance(v, bool):
       out[f"{prefix}/{k}"] = float(v)
   return out
+
+
+def eval_kwargs(data_config, num_classes: int) -> dict[str, Any]:
+  """`evaluate_maps` arguments for a dataset: the classes the original scores (Potsdam and
+  Vaihingen: index values 1..5, clutter excluded) when the data config names them."""
+  values = data_config.get("eval_label_values")
+  if not values:
+    return {"num_classes": num_classes}
+  return {"num_classes": int(data_config.get("eval_num_classes") or len(values)),
+          "label_values": tuple(int(v) for v in values)}

@@ -128,7 +128,7 @@ def evaluate(predict_fn, variables, ds, config, num_classes: int, mesh, rules) -
                                         rules):
     preds.append(pred)
     labels.append(label)
-  return seg_metrics.evaluate_maps(preds, labels, num_classes=num_classes)
+  return seg_metrics.evaluate_maps(preds, labels, **common.eval_kwargs(config.data, num_classes))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -205,8 +205,11 @@ def batch_shardings(mesh, rules):
           "coarse": sharding.batch_sharding(mesh, 3, rules)}
 
 
-def coarse_dir_for(config, split: str) -> str:
+def coarse_dir_for(config, split: str) -> str | None:
+  """`<coarse_dir>/<split>`, or None when the records carry their own `coarse` maps."""
   if not config.data.coarse_dir:
+    if config.data.get("stored_coarse"):
+      return None  # e.g. the original's data package (rough_label_index); ParseExample keeps it
     raise ValueError("config.data.coarse_dir is required for Stage II (Stage I coarse maps, "
                      "<coarse_dir>/<split>/<id>.png; see `idgbr predict`)")
   path = os.path.join(config.data.coarse_dir, split)
