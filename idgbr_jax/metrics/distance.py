@@ -12,7 +12,9 @@ all seeds at the minimal squared distance, the one with the smallest column, the
 This module computes exactly that, in integers:
 
 1. Column pass: nearest seed above / below each pixel by cumulative max / min of row indices
-   (ties go to the upper seed, the smaller row).
+   (ties go to the upper seed, the smaller row). The cumulative max / min is a parallel prefix
+   scan (`lax.associative_scan`): `lax.cummax` lowers to an O(H^2) reduce-window on CPU (~10x
+   slower on 512x512 maps).
 2. Row pass: min over columns c of `(x - c)^2 + g(c)^2`. The squared distance and the column are
    packed into one integer key `d2 * W + c`, so a plain `min` picks the smallest distance and, among
    equal distances, the smallest column. The min runs over growing offsets k and stops as soon as
@@ -46,12 +48,17 @@ def _key_dtype(height: int, width: int):
   return jnp.int64, 2**62
 
 
+def _prefix_scan(op, x: jax.Array, axis: int, reverse: bool = False) -> jax.Array:
+  """Inclusive prefix max / min along `axis`, as a log-depth parallel scan."""
+  return jax.lax.associative_scan(op, x, reverse=reverse, axis=axis)
+
+
 def _column_pass(seeds: jax.Array):
   """Nearest seed along axis -2 for each pixel: (row index, squared distance, has-seed)."""
   height = seeds.shape[-2]
   rows = jax.lax.broadcasted_iota(jnp.int32, seeds.shape, seeds.ndim - 2)
-  above = jax.lax.cummax(jnp.where(seeds, rows, -1), axis=seeds.ndim - 2)
-  below = jax.lax.cummin(jnp.where(seeds, rows, height), axis=seeds.ndim - 2, reverse=True)
+  above = _prefix_scan(jnp.maximum, jnp.where(seeds, rows, -1), seeds.ndim - 2)
+  below = _prefix_scan(jnp.minimum, jnp.where(seeds, rows, height), seeds.ndim - 2, reverse=True)
   dist_above = jnp.where(above >= 0, rows - above, height + 1)
   dist_below = jnp.where(below < height, below - rows, height + 1)
   # `<=`: an equidistant seed above (smaller row) wins, as in scipy's 1-D pass.
