@@ -94,6 +94,9 @@ def get_config(arg=None):
   config.optim.clip_norm = 1.0
 
   config.batch_size = 4
+  # ours: encode every (example, flip/rot) with the frozen VAE once and draw latents from the
+  # cached posterior moments (train/latent_cache.py): same draws, 3 VAE passes fewer per step.
+  config.latent_cache = False
   config.num_train_steps = 80000
   config.log_every_steps = 100
   config.eval_every_steps = 0              # 0: evaluate (refine the eval split) only at the end

@@ -202,3 +202,88 @@ def test_train_resume_and_refine_command(tmp_path):
        f"--out={tmp_path / 'refined2'}"], cwd=REPO, env=env, capture_output=True, text=True,
       timeout=300)
   assert res.returncode != 0 and written[0] in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent cache: the VAE posterior moments per (example, flip/rot), drawn from in the step.
+
+def test_cached_moments_step_equals_encoding_step(single):
+  """A step fed cached posterior moments is the step that runs the VAE encoder (same draws)."""
+  ref, mesh, state, frozen, _ = single
+  config = small_config()
+  tx, lr = optim.make_optimizer(config.optim, config.num_train_steps)
+  rules = tuple(config.sharding_rules)
+  keys = ("image", "label", "coarse")
+  f_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  fn = stage2.make_train_step(ref, tx, lr, stage2.make_schedule(config), config)
+  cached_step = jax.jit(fn, in_shardings=(state_sh, f_sh,
+                                          stage2.batch_shardings(mesh, rules, keys),
+                                          sharding.replicated(mesh)))
+  plain_step = jax.jit(fn, in_shardings=(state_sh, f_sh, stage2.batch_shardings(mesh, rules),
+                                         sharding.replicated(mesh)))
+  batch = fixed_batch()
+  moments = jax.jit(lambda f, b: {"image_moments": ref.image_moments(f, b["image"]),
+                                  "label_moments": ref.label_moments(f, b["label"]),
+                                  "coarse_moments": ref.label_moments(f, b["coarse"])})(
+                                      frozen, batch)
+  cached = {**batch, **{k: np.asarray(v) for k, v in moments.items()}}
+  # Garbage pixels prove the cached step never encodes them (the moments are all it uses).
+  cached["label"] = np.zeros_like(batch["label"])
+  cached["coarse"] = np.zeros_like(batch["coarse"])
+  rng = jax.random.key(5)
+  s_plain, m_plain = plain_step(state, frozen, pipeline.to_global(batch, mesh), rng)
+  s_cached, m_cached = cached_step(state, frozen, pipeline.to_global(cached, mesh), rng)
+  np.testing.assert_allclose(float(m_cached.compute()["loss"]), float(m_plain.compute()["loss"]),
+                             rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s_cached["params"]), jax.tree.leaves(s_plain["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  # ... and a wrong moment changes the loss (the cached values are really used).
+  cached["label_moments"] = cached["label_moments"] + 1.0
+  _, m_wrong = cached_step(state, frozen, pipeline.to_global(cached, mesh), rng)
+  assert abs(float(m_wrong.compute()["loss"]) - float(m_plain.compute()["loss"])) > 1e-3
+
+
+def test_latent_cache_follows_the_augmentation(tmp_path, single):
+  """Every cached (example, flip/rot) equals encoding that augmented example; the pipeline
+  attaches the moments of the very flip/rot it applied."""
+  from idgbr_jax.data import transforms
+  from idgbr_jax.train import latent_cache
+  ref, mesh, _, frozen, _ = single
+  config = small_config()
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.coarse_dir = str(tmp_path / "coarse")
+  config.data.num_train = 3
+  config.data.augment = "fliprot"
+  config.batch_size = 8
+  _write_split(config, "train", config.data.coarse_dir, lambda l: np.roll(l, 3, axis=1))
+  rules = tuple(config.sharding_rules)
+  f_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  coarse_dir = stage2.coarse_dir_for(config, "train")
+  with jax.set_mesh(mesh):
+    cache = latent_cache.build(ref, frozen, f_sh, config, 6, mesh, rules, coarse_dir=coarse_dir)
+  assert cache.moments["image"].shape == (3, 8, SIZE // 8, SIZE // 8, 8)
+  assert sorted(cache.slots) == list(range(8))
+  encode = jax.jit(lambda f, x, l, c: (ref.image_moments(f, x), ref.label_moments(f, l),
+                                       ref.label_moments(f, c)))
+  # Direct: all 8 elements of example 0, batched, against the cache's row.
+  records = pipeline.train_records(config, 6, coarse_dir=coarse_dir)
+  e = transforms.Normalize(config.data.normalization, keep_id=True).map(records[0])
+  row = cache.rows[e["id"]]
+  stack = lambda k: np.stack([transforms.dihedral(e[k], c) for c in range(8)])  # noqa: E731
+  img_m, lab_m, co_m = encode(frozen, stack("image"), stack("label"), stack("coarse"))
+  for key, want in (("image", img_m), ("label", lab_m), ("coarse", co_m)):
+    np.testing.assert_allclose(cache.moments[key][row], np.asarray(want), rtol=1e-4, atol=1e-5)
+  assert np.abs(np.diff(cache.moments["image"][row], axis=0)).max() > 1e-3  # elements differ
+  # Through the pipeline: each element's attached moments encode the image it carries.
+  it = iter(pipeline.train_dataset(config, 6, coarse_dir=coarse_dir, cache=cache))
+  batch = next(it)
+  assert batch["image_moments"].shape == (8, SIZE // 8, SIZE // 8, 8)
+  img_b, lab_b, co_b = encode(frozen, batch["image"], batch["label"], batch["coarse"])
+  np.testing.assert_allclose(batch["image_moments"], np.asarray(img_b), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(batch["label_moments"], np.asarray(lab_b), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(batch["coarse_moments"], np.asarray(co_b), rtol=1e-4, atol=1e-5)
+  # Random crops cannot be cached.
+  config.data.crop_size = 16
+  with pytest.raises(ValueError, match="crop_size"):
+    latent_cache.build(ref, frozen, f_sh, config, 6, mesh, rules, coarse_dir=coarse_dir)

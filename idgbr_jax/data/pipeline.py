@@ -40,24 +40,41 @@ def _base_dataset(cfg: ml_collections.ConfigDict, split: str, num_classes: int,
   return ds
 
 
-def train_dataset(config: ml_collections.ConfigDict, num_classes: int, *,
-                  coarse_dir: str | None = None) -> grain.IterDataset:
-  """Infinite, shuffled, augmented per-process batches for training (deterministic in seed)."""
+def train_records(config: ml_collections.ConfigDict, num_classes: int, *,
+                  coarse_dir: str | None = None) -> grain.MapDataset:
+  """This process's training records, parsed (unshuffled, unaugmented, not normalised)."""
   cfg = config.data
   indices = None
   if cfg.num_folds:
     n = len(sources.get_source(cfg, cfg.train_split))
     indices = fold_indices(n, cfg.num_folds, cfg.fold, config.seed, held_out=False)
   ds = _base_dataset(cfg, cfg.train_split, num_classes, coarse_dir, indices)
-  ds = ds[jax.process_index()::jax.process_count()]
+  return ds[jax.process_index()::jax.process_count()]
+
+
+def train_dataset(config: ml_collections.ConfigDict, num_classes: int, *,
+                  coarse_dir: str | None = None, cache=None) -> grain.IterDataset:
+  """Infinite, shuffled, augmented per-process batches for training (deterministic in seed).
+
+  `cache` (a `train.latent_cache.LatentCache` or any grain Map that reads `id` and `dihedral`)
+  attaches precomputed per-example, per-augmentation values after the augmentation.
+  """
+  cfg = config.data
+  ds = train_records(config, num_classes, coarse_dir=coarse_dir)
   ds = ds.shuffle(seed=config.seed)
   if cfg.crop_size:
+    if cache is not None:
+      raise ValueError("config.data.crop_size > 0 cannot use a latent cache (crops are not "
+                       "enumerable); set crop_size=0 or turn the cache off")
     ds = ds.random_map(transforms.RandomCrop(cfg.crop_size), seed=config.seed + 1)
   if cfg.augment in ("flip", "fliprot"):
-    ds = ds.random_map(transforms.RandomFlipRot(rotate=cfg.augment == "fliprot"),
+    ds = ds.random_map(transforms.RandomFlipRot(rotate=cfg.augment == "fliprot",
+                                                emit_code=cache is not None),
                        seed=config.seed + 2)
   elif cfg.augment != "none":
     raise ValueError(f"config.data.augment={cfg.augment!r}; allowed: none, flip, fliprot")
+  if cache is not None:
+    ds = ds.map(cache)
   ds = ds.map(transforms.Normalize(cfg.normalization))
   ds = ds.repeat()  # reseeds shuffle and augmentation every epoch
   ds = ds.batch(per_process_batch(config.batch_size), drop_remainder=True)

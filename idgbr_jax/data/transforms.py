@@ -128,23 +128,46 @@ def _apply(element: Example, fn) -> Example:
   return {k: (np.ascontiguousarray(fn(v)) if k in _SPATIAL_KEYS else v) for k, v in element.items()}
 
 
+# The dihedral element rot90(hflip^f(a), r) has code 4 f + r. The codes each augmentation reaches:
+DIHEDRAL_CODES = {"none": (0,), "flip": (0, 2, 4, 6), "fliprot": tuple(range(8))}
+
+
+def dihedral(a: np.ndarray, code: int) -> np.ndarray:
+  """Applies dihedral element `code` (see DIHEDRAL_CODES) to the leading two axes of `a`."""
+  flip, r = divmod(int(code), 4)
+  if flip:
+    a = a[:, ::-1]
+  return np.rot90(a, r, axes=(0, 1)) if r else a
+
+
 @dataclasses.dataclass(frozen=True)
 class RandomFlipRot(grain.transforms.RandomMap):
-  """Paired flip in {h, v, both, none, none} (the original's legacy loader) and rot90 k in 0..3."""
+  """Paired flip in {h, v, both, none, none} (the original's legacy loader) and rot90 k in 0..3.
+
+  `emit_code` adds `dihedral`, the code of the element applied (v-flip = h-flip then rot180,
+  both = rot180), so cached per-variant latents can be looked up (train/latent_cache.py).
+  """
   rotate: bool = True
+  emit_code: bool = False
 
   def random_map(self, element: Example, rng: np.random.Generator) -> Example:
     choice = rng.integers(5)
     k = int(rng.integers(4)) if self.rotate else 0
+    if element["label"].shape[0] != element["label"].shape[1]:
+      k = 0  # rot90 of a non-square example would change its shape
     def fn(a):
       if choice in (0, 2):
         a = a[:, ::-1]
       if choice in (1, 2):
         a = a[::-1]
-      if k and a.shape[0] == a.shape[1]:
+      if k:
         a = np.rot90(a, k, axes=(0, 1))
       return a
-    return _apply(element, fn)
+    out = _apply(element, fn)
+    if self.emit_code:
+      flip, r = {0: (1, k), 1: (1, k + 2), 2: (0, k + 2)}.get(int(choice), (0, k))
+      out["dihedral"] = np.int32(4 * flip + r % 4)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -102,31 +102,60 @@ class Refiner:
     return out
 
   # ----- frozen encoders --------------------------------------------------------------------
-  def encode_image(self, frozen: Params, image: jax.Array, rng: jax.Array | None) -> jax.Array:
-    return self.vae.apply({"params": frozen["vae"]}, image, rng,
-                          method=self.vae.encode_latents)
+  # The VAE posterior is kept as its moments (mean ‖ logvar on channels) so it can be cached per
+  # example (train/latent_cache.py); the latent is drawn from them at every use, as the original.
+  def image_moments(self, frozen: Params, image: jax.Array) -> jax.Array:
+    posterior = self.vae.apply({"params": frozen["vae"]}, image, method=self.vae.encode)
+    return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
 
-  def encode_labels(self, frozen: Params, labels: jax.Array, rng: jax.Array | None) -> jax.Array:
+  def label_moments(self, frozen: Params, labels: jax.Array) -> jax.Array:
     colours = self.label_embed.apply({"params": frozen["label_embed"]}, labels,
                                      method=self.label_embed.encode)
-    return self.vae.apply({"params": frozen["vae"]}, colours.astype(self.dtype), rng,
-                          method=self.vae.encode_latents)
+    return self.image_moments(frozen, colours.astype(self.dtype))
+
+  def latent_from_moments(self, moments: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Diffusion latent (× scaling factor): a posterior sample, or its mean when the config
+    says `sample_posterior=False`."""
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    posterior = autoencoder.DiagonalGaussian(mean=mean, logvar=logvar)
+    if self.config.autoencoder.sample_posterior:
+      if rng is None:
+        raise ValueError("sampling the posterior needs an rng (or sample_posterior=False)")
+      z = posterior.sample(rng)
+    else:
+      z = posterior.mode()
+    return z * self.config.autoencoder.scaling_factor
+
+  def encode_image(self, frozen: Params, image: jax.Array, rng: jax.Array | None) -> jax.Array:
+    return self.latent_from_moments(self.image_moments(frozen, image), rng)
+
+  def encode_labels(self, frozen: Params, labels: jax.Array, rng: jax.Array | None) -> jax.Array:
+    return self.latent_from_moments(self.label_moments(frozen, labels), rng)
 
   def context(self, frozen: Params, batch: int) -> jax.Array:
     ctx = frozen["context"]
     return jnp.broadcast_to(ctx, (batch,) + ctx.shape[1:]).astype(self.dtype)
 
   def encode_conditions(self, frozen: Params, image: jax.Array, coarse: jax.Array,
-                        rng: jax.Array, use_coarse: bool = True) -> Conditions:
+                        rng: jax.Array, use_coarse: bool = True, *,
+                        image_moments: jax.Array | None = None,
+                        coarse_moments: jax.Array | None = None) -> Conditions:
     """VAE latents of image and coarse map -> frozen UNet-encoder features at t=1.
 
     `use_coarse=False` is the original's `no_rough` ablation: the coarse latent is zeros.
+    Cached posterior moments, when given, replace the VAE encoder passes (same draws).
     """
     r_img, r_coarse = jax.random.split(rng)
-    z_img = self.encode_image(frozen, image, r_img)
-    z_coarse = (self.encode_labels(frozen, coarse, r_coarse) if use_coarse
-                else jnp.zeros_like(z_img))
-    b = image.shape[0]
+    if image_moments is None:
+      image_moments = self.image_moments(frozen, image)
+    z_img = self.latent_from_moments(image_moments, r_img)
+    if use_coarse:
+      if coarse_moments is None:
+        coarse_moments = self.label_moments(frozen, coarse)
+      z_coarse = self.latent_from_moments(coarse_moments, r_coarse)
+    else:
+      z_coarse = jnp.zeros_like(z_img)
+    b = z_img.shape[0]
     z = jnp.concatenate([z_img, z_coarse])  # one batched pass through unet_ori
     t = jnp.full((2 * b,), T_COND, jnp.int32)
     skips, mid = self.unet.apply({"params": frozen["unet_ori"]}, z, t, self.context(frozen, 2 * b),

@@ -23,7 +23,7 @@ from idgbr_jax.checkpoints import params as params_ckpt
 from idgbr_jax.data import pipeline, sources
 from idgbr_jax.models import autoencoder, denoiser, dinov2, guidance, label_embedding, refiner
 from idgbr_jax.parallel import sharding
-from idgbr_jax.train import common, optim
+from idgbr_jax.train import common, latent_cache, optim
 
 
 @flax.struct.dataclass
@@ -165,8 +165,16 @@ def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config):
     r_cond, r_gt, r_t, r_noise, r_drop = jax.random.split(rng, 5)
     image, label, coarse = batch["image"], batch["label"], batch["coarse"]
     b = image.shape[0]
-    cond = ref.encode_conditions(frozen, image, coarse, r_cond, use_coarse=d.use_coarse)
-    z0 = jax.lax.stop_gradient(ref.encode_labels(frozen, label, r_gt))
+    # Cached VAE posterior moments (train/latent_cache.py), when the batch has them, replace
+    # the three frozen VAE encoder passes; the latents are drawn from them the same way.
+    cond = ref.encode_conditions(frozen, image, coarse, r_cond, use_coarse=d.use_coarse,
+                                 image_moments=batch.get("image_moments"),
+                                 coarse_moments=batch.get("coarse_moments"))
+    if "label_moments" in batch:
+      z0 = ref.latent_from_moments(batch["label_moments"], r_gt)
+    else:
+      z0 = ref.encode_labels(frozen, label, r_gt)
+    z0 = jax.lax.stop_gradient(z0)
     t = diffusion.sample_timesteps(r_t, b, schedule, d.timestep_strategy)
     noise = jax.random.normal(r_noise, z0.shape, jnp.float32)
     z_t = diffusion.add_noise(schedule, z0, noise, t)
@@ -199,10 +207,13 @@ def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config):
   return train_step
 
 
-def batch_shardings(mesh, rules):
-  return {"image": sharding.batch_sharding(mesh, 4, rules),
-          "label": sharding.batch_sharding(mesh, 3, rules),
-          "coarse": sharding.batch_sharding(mesh, 3, rules)}
+def batch_shardings(mesh, rules, cached_keys=()):
+  """Shardings of a train batch; `cached_keys` adds `<key>_moments` (the latent cache's)."""
+  out = {"image": sharding.batch_sharding(mesh, 4, rules),
+         "label": sharding.batch_sharding(mesh, 3, rules),
+         "coarse": sharding.batch_sharding(mesh, 3, rules)}
+  out.update({f"{k}_moments": sharding.batch_sharding(mesh, 4, rules) for k in cached_keys})
+  return out
 
 
 def coarse_dir_for(config, split: str) -> str | None:
@@ -230,8 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----- Input pipeline ------------------------------------------------------------------------
   num_classes = sources.num_classes(config.data)
-  train_iter = iter(pipeline.train_dataset(
-      config, num_classes, coarse_dir=coarse_dir_for(config, config.data.train_split)))
+  coarse_dir = coarse_dir_for(config, config.data.train_split)
 
   # ----- Model, params & optimizer -------------------------------------------------------------
   ref = refiner.Refiner(refiner_config(config, num_classes),
@@ -243,11 +253,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("stage II trainable %d, frozen %d parameters",
                common.count_params(state["params"]), common.count_params(frozen))
 
+  # ----- Input pipeline (after the frozen VAE exists: the latent cache needs it) ---------------
+  cache, cached_keys = None, ()
+  if config.get("latent_cache", False):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      cache = latent_cache.build(ref, frozen, f_sh, config, num_classes, mesh, rules,
+                                 coarse_dir=coarse_dir)
+    cached_keys = tuple(cache.moments)
+  train_iter = iter(pipeline.train_dataset(config, num_classes, coarse_dir=coarse_dir,
+                                           cache=cache))
+
   # ----- Train steps ---------------------------------------------------------------------------
   schedule = make_schedule(config)
   repl = sharding.replicated(mesh)
   train_step = jax.jit(make_train_step(ref, tx, lr_schedule, schedule, config),
-                       in_shardings=(state_sh, f_sh, batch_shardings(mesh, rules), repl),
+                       in_shardings=(state_sh, f_sh, batch_shardings(mesh, rules, cached_keys),
+                                     repl),
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
 
   # ----- Checkpoint restore --------------------------------------------------------------------
