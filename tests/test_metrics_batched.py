@@ -94,8 +94,13 @@ def test_mba_with_unmapped_pixels_matches_cascadepsp():
   assert boundary_iou.mba_radii(330, 360) == [1, 1, 1, 1, 2]
   with jax.enable_x64(True):
     mba, defined = jax.jit(boundary_iou.mba_stats)(labels, preds, labels >= 0)
+    mba8, defined8 = jax.jit(boundary_iou.mba_stats, static_argnums=3)(
+        labels, preds, labels >= 0, 3)
   for i in range(2):
     assert bool(defined[i]) and abs(float(mba[i]) - _ref_mba(labels[i], preds[i])) < 1e-12
+  # The int8 path (num_classes given) gives the same numbers bit for bit.
+  np.testing.assert_array_equal(np.asarray(mba8), np.asarray(mba))
+  np.testing.assert_array_equal(np.asarray(defined8), np.asarray(defined))
 
 
 def test_histogram_counts_codes_per_map():

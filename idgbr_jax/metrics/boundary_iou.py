@@ -137,14 +137,26 @@ def mba_radii(height: int, width: int) -> list[int]:
   return [1 + int((max_radius - 1) / 5 * i) for i in range(5)]
 
 
-def mba_stats(label, pred, valid):
-  """Per-image mean boundary accuracy and whether it is defined, [B] each."""
+def mba_stats(label, pred, valid, num_classes: int | None = None):
+  """Per-image mean boundary accuracy and whether it is defined, [B] each.
+
+  Args:
+    label, pred: class maps [B, H, W] (-1 = unmapped).
+    valid: unused (the band and the accuracy use the label's own mapping).
+    num_classes: if given, values outside [0, K) count as unmapped and the window filters run on
+      int8 maps (several times cheaper); if None, any value >= 0 is a class.
+  """
   del valid
   height, width = label.shape[-2:]
   dtype = jnp.result_type(float)
-  label = jnp.asarray(label).astype(jnp.int32)
+  if num_classes is not None:
+    label = _compact(label, num_classes)
+    pred = _compact(pred, num_classes)
+  else:
+    label = jnp.asarray(label).astype(jnp.int32)
+    pred = jnp.asarray(pred).astype(jnp.int32)
   mapped = label >= 0
-  same = (jnp.asarray(pred).astype(jnp.int32) == label).astype(jnp.int32)
+  same = (pred == label).astype(jnp.int32)
   radii = mba_radii(height, width)
   unique = sorted(set(radii))
   codes = []
@@ -152,7 +164,7 @@ def mba_stats(label, pred, valid):
     offsets = boundary.ellipse_offsets(r)
     # Union over classes of the gradient of (label == c) = the window holds a mapped label and
     # is not uniform; pixels outside the map do not take part (OpenCV's default morphology border).
-    big = jnp.iinfo(jnp.int32).max
+    big = jnp.iinfo(label.dtype).max
     hi = boundary.window_reduce(label, offsets, "max", -big)
     lo = boundary.window_reduce(label, offsets, "min", big)
     band = (hi != lo) & (hi >= 0) & mapped

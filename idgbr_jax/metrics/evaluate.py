@@ -67,7 +67,8 @@ def batch_statistics(pred_raw: jax.Array, label_raw: jax.Array, num_classes: int
       label, pred, valid, num_classes, dilation_ratio)
   stats["bf_score"], stats["bf_counted"] = boundary_iou.boundary_f_stats(
       label, pred, valid, num_classes, bf_tolerance)
-  stats["mba"], stats["mba_defined"] = boundary_iou.mba_stats(label, pred, valid)
+  stats["mba"], stats["mba_defined"] = boundary_iou.mba_stats(label, pred, valid,
+                                                                 num_classes)
   stats["unmapped_label"] = jnp.sum(~label_ok, axis=(-2, -1), dtype=jnp.int32)
   stats["unmapped_pred"] = jnp.sum(~pred_ok, axis=(-2, -1), dtype=jnp.int32)
   return stats
