@@ -37,15 +37,20 @@ def gaussian_blur(x: jax.Array) -> jax.Array:
   """gaussian_filter(x, 5, truncate=0.6, mode='constant', cval=0) over the last two axes.
 
   Separable like scipy (axis -2 first, then -1); with zero padding this equals the 2-D
-  MATLAB-style fspecial('gaussian', 7, 5) filter.
+  MATLAB-style fspecial('gaussian', 7, 5) filter. Two 1-D convolutions (the library
+  convolution is ~4x faster on CPU than summing seven shifted copies); HIGHEST precision so
+  float32 runs on TPU do not drop to bfloat16 passes.
   """
-  weights = gaussian_kernel_1d()
-  height, width = x.shape[-2:]
-  lead = [(0, 0)] * (x.ndim - 2)
-  p = jnp.pad(x, lead + [(_RADIUS, _RADIUS), (0, 0)])
-  y = sum(float(w) * p[..., i:i + height, :] for i, w in enumerate(weights))
-  p = jnp.pad(y, lead + [(0, 0), (_RADIUS, _RADIUS)])
-  return sum(float(w) * p[..., :, i:i + width] for i, w in enumerate(weights))
+  x = jnp.asarray(x)
+  weights = jnp.asarray(gaussian_kernel_1d(), x.dtype)
+  shape = x.shape
+  y = x.reshape((-1, 1) + shape[-2:])  # [N, C=1, H, W]
+  highest = jax.lax.Precision.HIGHEST
+  y = jax.lax.conv_general_dilated(y, weights.reshape(1, 1, -1, 1), (1, 1),
+                                   [(_RADIUS, _RADIUS), (0, 0)], precision=highest)
+  y = jax.lax.conv_general_dilated(y, weights.reshape(1, 1, 1, -1), (1, 1),
+                                   [(0, 0), (_RADIUS, _RADIUS)], precision=highest)
+  return y.reshape(shape)
 
 
 def weighted_fmeasure(pred: jax.Array, gt: jax.Array) -> jax.Array:
