@@ -127,7 +127,9 @@ def feature_transform(seeds: jax.Array):
   _, best = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.int32), base))
   best_col = (best & ((1 << bits) - 1)).astype(jnp.int32)
   d2 = (best >> bits).astype(jnp.int32)
-  best_row = jnp.take_along_axis(nearest_row, best_col, axis=-1).astype(jnp.int32)
+  # best_col is in [0, W) (maps without seeds are masked below): no bounds handling needed.
+  best_row = jnp.take_along_axis(nearest_row, best_col, axis=-1,
+                                 mode="promise_in_bounds").astype(jnp.int32)
   none = ~any_seed
   d2 = jnp.where(none, -1, d2)
   best_row = jnp.where(none, -1, best_row)
