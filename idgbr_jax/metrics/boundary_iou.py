@@ -83,9 +83,9 @@ def _thin_boundary(mask: jax.Array) -> jax.Array:
   return mask & ~boundary.erode_square(mask, 1, border_value=True)
 
 
-def _side_counts(own, own_edge, other, other_edge, offsets, num_classes):
-  """Per class c: pixels of `own == c` (any), on its 1-px boundary, and those boundary pixels
-  with a boundary pixel of `other == c` within the tolerance disk. int32 [B, K] each."""
+def _near_boundary(own, other, other_edge, offsets):
+  """True where a boundary pixel of the other map with the pixel's own class lies within the
+  tolerance disk (given as offsets); outside the map nothing is near."""
   height, width = own.shape[-2:]
   r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
   # The other map's class where it is a boundary pixel, -2 elsewhere, -3 outside the map: a
@@ -96,13 +96,39 @@ def _side_counts(own, own_edge, other, other_edge, offsets, num_classes):
   for dy, dx in offsets:
     hit = padded[..., r + dy:r + dy + height, r + dx:r + dx + width] == own
     near = hit if near is None else near | hit
+  return near
+
+
+def _side_counts(own, own_edge, other, other_edge, offsets, num_classes):
+  """Per class c: pixels of `own == c` (any), on its 1-px boundary, and those boundary pixels
+  with a boundary pixel of `other == c` within the tolerance disk. int32 [B, K] each."""
+  near = _near_boundary(own, other, other_edge, offsets)
   own32 = own.astype(jnp.int32)
   code = ((own32 + 1) * 2 + own_edge.astype(jnp.int32)) * 2 + near.astype(jnp.int32)
   hist = boundary.histogram(code, (num_classes + 1) * 4)
-  hist = hist.reshape(own.shape[:-2] + (num_classes + 1, 2, 2))[..., 1:, :, :]
+  hist = hist.reshape(own.shape[:-2] + (num_classes + 1, 2, 2))
+  return _side_from_hist(hist)
+
+
+def _side_from_hist(hist):
+  """(present, on boundary, on boundary and near) per class from counts [B, K+1, 2, 2] over
+  (class + 1, on boundary, near)."""
+  hist = hist[..., 1:, :, :]
   present = jnp.sum(hist, axis=(-2, -1)) > 0
   on_edge = hist[..., 1, 0] + hist[..., 1, 1]
   return present, on_edge, hist[..., 1, 1]
+
+
+def _bf_from_counts(any_g, n_g, hit_g, any_p, n_p, hit_p):
+  """Boundary F per class from integer counts (the float arithmetic of both code paths)."""
+  dtype = jnp.result_type(float)
+  n_g, n_p = n_g.astype(dtype), n_p.astype(dtype)
+  hit_g, hit_p = hit_g.astype(dtype), hit_p.astype(dtype)
+  prec = jnp.where(n_p > 0, hit_p / jnp.maximum(n_p, 1), 0.0)
+  rec = jnp.where(n_g > 0, hit_g / jnp.maximum(n_g, 1), 0.0)
+  f = jnp.where(prec + rec > 0, 2 * prec * rec / jnp.maximum(prec + rec, 1e-30), 0.0)
+  f = jnp.where((n_p == 0) & (n_g == 0), 1.0, f)
+  return f, any_g | any_p
 
 
 def boundary_f_stats(label, pred, valid, num_classes: int, tolerance: float = 2.0):
@@ -114,7 +140,6 @@ def boundary_f_stats(label, pred, valid, num_classes: int, tolerance: float = 2.
   per-class masks are built.
   """
   del valid  # Boundaries come from the class maps; unmapped pixels belong to no class.
-  dtype = jnp.result_type(float)
   disk = boundary.disk_offsets(tolerance)
   label8 = _compact(label, num_classes)
   pred8 = _compact(pred, num_classes)
@@ -122,13 +147,7 @@ def boundary_f_stats(label, pred, valid, num_classes: int, tolerance: float = 2.
   pb = boundary.differs_from_neighbour(pred8)
   any_g, n_g, hit_g = _side_counts(label8, gb, pred8, pb, disk, num_classes)
   any_p, n_p, hit_p = _side_counts(pred8, pb, label8, gb, disk, num_classes)
-  n_g, n_p = n_g.astype(dtype), n_p.astype(dtype)
-  hit_g, hit_p = hit_g.astype(dtype), hit_p.astype(dtype)
-  prec = jnp.where(n_p > 0, hit_p / jnp.maximum(n_p, 1), 0.0)
-  rec = jnp.where(n_g > 0, hit_g / jnp.maximum(n_g, 1), 0.0)
-  f = jnp.where(prec + rec > 0, 2 * prec * rec / jnp.maximum(prec + rec, 1e-30), 0.0)
-  f = jnp.where((n_p == 0) & (n_g == 0), 1.0, f)
-  return f, any_g | any_p
+  return _bf_from_counts(any_g, n_g, hit_g, any_p, n_p, hit_p)
 
 
 def mba_radii(height: int, width: int) -> list[int]:
@@ -148,32 +167,44 @@ def mba_stats(label, pred, valid, num_classes: int | None = None):
   """
   del valid
   height, width = label.shape[-2:]
-  dtype = jnp.result_type(float)
   if num_classes is not None:
     label = _compact(label, num_classes)
     pred = _compact(pred, num_classes)
   else:
     label = jnp.asarray(label).astype(jnp.int32)
     pred = jnp.asarray(pred).astype(jnp.int32)
-  mapped = label >= 0
   same = (pred == label).astype(jnp.int32)
   radii = mba_radii(height, width)
   unique = sorted(set(radii))
-  codes = []
-  for r in unique:
+  codes = [jnp.where(band, same, -1) for band in _mba_bands(label, unique)]
+  # Counts of (band, pred == label) for every distinct radius in one histogram.
+  hist = boundary.histogram(jnp.stack(codes, axis=-3), 2)
+  return _mba_from_counts(hist[..., 0] + hist[..., 1], hist[..., 1], radii)
+
+
+def _mba_bands(label, radii):
+  """CascadePSP's band for each radius (bool [B, H, W] each)."""
+  mapped = label >= 0
+  bands = []
+  for r in radii:
     offsets = boundary.ellipse_offsets(r)
     # Union over classes of the gradient of (label == c) = the window holds a mapped label and
     # is not uniform; pixels outside the map do not take part (OpenCV's default morphology border).
     big = jnp.iinfo(label.dtype).max
     hi = boundary.window_reduce(label, offsets, "max", -big)
     lo = boundary.window_reduce(label, offsets, "min", big)
-    band = (hi != lo) & (hi >= 0) & mapped
-    codes.append(jnp.where(band, same, -1))
-  # Counts of (band, pred == label) for every distinct radius in one histogram.
-  hist = boundary.histogram(jnp.stack(codes, axis=-3), 2)
-  n_band = (hist[..., 0] + hist[..., 1]).astype(dtype)
-  good = hist[..., 1].astype(dtype)
+    bands.append((hi != lo) & (hi >= 0) & mapped)
+  return bands
+
+
+def _mba_from_counts(n_band, good, radii):
+  """Mean boundary accuracy from band / correct counts [B, U] of the distinct radii."""
+  dtype = jnp.result_type(float)
+  unique = sorted(set(radii))
+  n_band = n_band.astype(dtype)
+  good = good.astype(dtype)
   accs = [good[..., unique.index(r)] / jnp.maximum(n_band[..., unique.index(r)], 1)
           for r in radii]
   defined = n_band[..., unique.index(radii[0])] > 0
   return jnp.where(defined, sum(accs) / len(accs), 0.0), defined
+

@@ -60,6 +60,12 @@ def batch_statistics(pred_raw: jax.Array, label_raw: jax.Array, num_classes: int
   label, label_ok = region.encode(label_raw, num_classes, label_values)
   pred, pred_ok = region.encode(pred_raw, num_classes, label_values)
   valid = label_ok & pred_ok
+  if num_classes <= 120:
+    # Materialise the encoded maps once, as int8: otherwise XLA fuses the value-lookup chain of
+    # `encode` into every consumer below and recomputes it per metric (measured on CPU).
+    label, pred = label.astype(jnp.int8), pred.astype(jnp.int8)
+    label, pred, valid, label_ok, pred_ok = jax.lax.optimization_barrier(
+        (label, pred, valid, label_ok, pred_ok))
   stats = {"confusion": region.confusion_matrix(label, pred, valid, num_classes)}
   stats["wf_score"], stats["wf_present"] = wfmeasure.band_wf_scores(pred_raw, label_raw,
                                                                     edge_size)
@@ -68,7 +74,7 @@ def batch_statistics(pred_raw: jax.Array, label_raw: jax.Array, num_classes: int
   stats["bf_score"], stats["bf_counted"] = boundary_iou.boundary_f_stats(
       label, pred, valid, num_classes, bf_tolerance)
   stats["mba"], stats["mba_defined"] = boundary_iou.mba_stats(label, pred, valid,
-                                                                 num_classes)
+                                                               num_classes)
   stats["unmapped_label"] = jnp.sum(~label_ok, axis=(-2, -1), dtype=jnp.int32)
   stats["unmapped_pred"] = jnp.sum(~pred_ok, axis=(-2, -1), dtype=jnp.int32)
   return stats
