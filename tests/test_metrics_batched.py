@@ -111,3 +111,15 @@ def test_histogram_counts_codes_per_map():
     for j in range(3):
       np.testing.assert_array_equal(hist[i, j], np.bincount(
           codes[i, j][(codes[i, j] >= 0) & (codes[i, j] < 7)], minlength=7))
+
+
+def test_weighted_fmeasure_bool_prediction_is_bit_identical_to_float():
+  from idgbr_jax.metrics import wfmeasure  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(11)
+  gt = np.stack([random_blocky(rng, (40, 56), [0, 1], 6) for _ in range(3)]).astype(bool)
+  pred = np.stack([random_blocky(rng, (40, 56), [0, 1], 4) for _ in range(3)]).astype(bool)
+  with jax.enable_x64(True):
+    q_bool = np.asarray(jax.jit(wfmeasure.weighted_fmeasure)(pred, gt))
+    q_float = np.asarray(jax.jit(wfmeasure.weighted_fmeasure)(pred.astype(np.float64), gt))
+  np.testing.assert_array_equal(q_bool, q_float)
+  assert np.all((q_bool > 0) & (q_bool < 1))
