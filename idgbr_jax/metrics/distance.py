@@ -16,7 +16,7 @@ This module computes exactly that, in integers:
    scan (`lax.associative_scan`): `lax.cummax` lowers to an O(H^2) reduce-window on CPU (~10x
    slower on 512x512 maps).
 2. Row pass: min over columns c of `(x - c)^2 + g(c)^2`. The squared distance and the column are
-   packed into one integer key `d2 * 2^b + c` (2^b >= W), so a plain `min` picks the smallest
+   packed into one integer key `d2 * W + c`, so a plain `min` picks the smallest
    distance and, among equal distances, the smallest column. The min runs over growing offsets k
    and stops as soon as `k^2` exceeds the largest best squared distance still open, so the work is
    O(H * W * max distance) of fully parallel integer min-plus updates: no sequential scan, which
@@ -36,16 +36,9 @@ import numpy as np
 _UNROLL = 8
 
 
-def _column_bits(width: int) -> int:
-  """Bits of the packed key that hold the column: keys are d2 * 2^bits + c, so packing and
-  unpacking are shifts and masks (integer division does not vectorise on CPU and cost more than
-  the whole row pass)."""
-  return max(1, (width - 1).bit_length())
-
-
 def _key_dtype(height: int, width: int):
-  """Integer dtype wide enough for the packed key (d2 * 2^bits + c) plus the 'no seed' sentinel."""
-  max_key = (height * height + width * width + 1) * (1 << _column_bits(width)) * 2
+  """Integer dtype wide enough for the packed key (d2 * W + c) plus the 'no seed' sentinel."""
+  max_key = (height * height + width * width + 1) * width * 2
   if max_key < 2**30:
     return jnp.int32, 2**30
   if not jax.config.jax_enable_x64:
@@ -92,11 +85,10 @@ def feature_transform(seeds: jax.Array):
   seeds = jnp.asarray(seeds, bool)
   height, width = seeds.shape[-2:]
   key_dtype, inf = _key_dtype(height, width)
-  bits = _column_bits(width)
   nearest_row, vertical, has_seed = _column_pass(seeds)
   cols = jax.lax.broadcasted_iota(key_dtype, seeds.shape, seeds.ndim - 1)
   vertical = vertical.astype(key_dtype)
-  base = jnp.where(has_seed, ((vertical * vertical) << bits) | cols, inf)
+  base = jnp.where(has_seed, vertical * vertical * width + cols, inf)
 
   lead = seeds.shape[:-2]
   # Pad columns with the sentinel so shifted reads need no bounds checks.
@@ -110,23 +102,23 @@ def feature_transform(seeds: jax.Array):
 
   def cond(state):
     k, best = state
-    # k^2 <= (largest open key >> bits), without unpacking every key.
-    return (k < width) & ((k.astype(key_dtype) * k) << bits <= open_max(best))
+    # k^2 <= largest open key // W, compared as k^2 * W <= key: no per-pixel division.
+    return (k < width) & (k.astype(key_dtype) * k * width <= open_max(best))
 
   def body(state):
     k, best = state
     for u in range(_UNROLL):
       offset = k + u
-      add = (offset.astype(key_dtype) * offset) << bits
+      add = (offset.astype(key_dtype) * offset) * width
       left = jax.lax.dynamic_slice_in_dim(padded, pad - offset, width, axis=-1)
       right = jax.lax.dynamic_slice_in_dim(padded, pad + offset, width, axis=-1)
-      # The sentinel stays above every real key after adding offset^2 * 2^bits.
+      # The sentinel stays above every real key after adding offset^2 * W.
       best = jnp.minimum(best, jnp.minimum(left, right) + add)
     return k + _UNROLL, best
 
   _, best = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.int32), base))
-  best_col = (best & ((1 << bits) - 1)).astype(jnp.int32)
-  d2 = (best >> bits).astype(jnp.int32)
+  best_col = (best % width).astype(jnp.int32)
+  d2 = (best // width).astype(jnp.int32)
   # best_col is in [0, W) (maps without seeds are masked below): no bounds handling needed.
   best_row = jnp.take_along_axis(nearest_row, best_col, axis=-1,
                                  mode="promise_in_bounds").astype(jnp.int32)
