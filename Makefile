@@ -32,7 +32,7 @@ demo: $(VENV)/.stamp-base
 	$(VENV)/bin/idgbr demo --workdir=$(DEMO_WORKDIR)
 
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=12 tests
 
 bench: $(VENV)/.stamp-test
 	$(PY) bench/bench_metrics.py

@@ -13,7 +13,9 @@ from configs import common, stage1_synthetic, stage2_synthetic
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, task="multiclass6", image_size=64, runlocal=False)
+  # binary_roads (CHN6-CUG-like) by default: its label maps survive the small autoencoder
+  # (round-trip pixel accuracy ~0.99 vs ~0.89 for multiclass6, whose few-pixel cars it loses).
+  arg = common.parse_arg(arg, task="binary_roads", image_size=64, runlocal=False)
   config = ml_collections.ConfigDict()
   config.num_folds = 2          # cross-fitted train coarse maps (0: predict train with the model)
   config.edge_size = 3
@@ -56,13 +58,19 @@ def get_config(arg=None):
       block_out_channels=(32, 64, 64), layers_per_block=1,
       down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")))
-  s2.num_train_steps = 300
+  s2.latent_cache = True   # VAE moments per (example, flip/rot) once; ~+40 % steps per second
+  s2.num_train_steps = 600
   s2.optim.learning_rate = 1e-3
   s2.optim.warmup_steps = 50
   s2.repa.active_steps = 100
   s2.repa.projector_hidden = 64
   s2.model.guidance_init_mode = "paper"
   s2.diffusion.cond_dropout = 0.1
+  # A few hundred CPU steps cannot learn to generate label maps from pure noise (strength 1, the
+  # original: WF min ~0.6 after 600 steps); starting from the noised coarse latent and training
+  # only the timesteps that start visits is what the budget allows (README: demo).
+  s2.diffusion.strength = 0.2
+  s2.diffusion.train_max_timestep = 300
   s2.diffusion.num_inference_steps = 10
   s2.diffusion.guidance_scale = 1.5
   s2.log_every_steps = 100
@@ -83,7 +91,7 @@ def get_config(arg=None):
       s.checkpoint_every_steps = 4
     s1.model.variant = "tiny"
     s2.repa.active_steps = 2
-    s2.diffusion.num_inference_steps = 3
+    s2.diffusion.num_inference_steps = 5  # strength 0.2 runs one of them
     config.label_embed.steps = 10
     config.autoencoder.steps = 4
   return config

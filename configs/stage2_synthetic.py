@@ -76,6 +76,9 @@ def get_config(arg=None):
   # ours: 1.0 starts DDIM from pure noise (the original); s < 1 starts from the coarse latent
   # noised to the step that leaves int(s * steps) steps (img2img), keeping the coarse layout.
   config.diffusion.strength = 1.0
+  # ours: 0 trains on all T timesteps (the original); m > 0 only on t < m, the range an
+  # img2img start at strength <= m / T uses (uniform strategy only).
+  config.diffusion.train_max_timestep = 0
   config.diffusion.sampling_seed = 42
 
   config.repa = ml_collections.ConfigDict()

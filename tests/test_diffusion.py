@@ -334,3 +334,16 @@ def test_strength_is_validated():
   with pytest.raises(ValueError, match="runs no step"):
     diffusion.start_timestep_index(4, 0.2)  # int(0.8) = 0 steps
   assert diffusion.start_timestep_index(25, 1.0) == 0
+
+
+def test_sample_timesteps_max_timestep_covers_only_the_img2img_range():
+  sched = diffusion.make_schedule()
+  t = np.asarray(diffusion.sample_timesteps(jax.random.key(0), 4096, sched, "uniform", 300))
+  assert t.min() == 0 and t.max() == 299  # the whole range [0, 300), nothing above
+  assert abs(t.mean() - 149.5) < 5
+  full = np.asarray(diffusion.sample_timesteps(jax.random.key(0), 4096, sched, "uniform"))
+  assert full.max() > 900
+  with pytest.raises(ValueError, match="uniform"):
+    diffusion.sample_timesteps(jax.random.key(0), 4, sched, "cubic", 300)
+  with pytest.raises(ValueError, match="max_timestep"):
+    diffusion.sample_timesteps(jax.random.key(0), 4, sched, "uniform", 2000)

@@ -81,21 +81,26 @@ def main(argv):
   _say(t0, f"stage II trained ({s2.num_train_steps} steps)")
 
   refined_dir = os.path.join(workdir, "refined", s2.data.eval_split)
+  autoencoded_dir = os.path.join(workdir, "autoencoded", s2.data.eval_split)
   ref, mesh = out["refiner"], out["mesh"]
   trainable, frozen = out["state"]["params"], out["frozen"]
-  refine_fn = refine_lib.make_refine_fn(ref, s2, mesh, jax.tree.map(lambda x: x.sharding, trainable),
-                                        jax.tree.map(lambda x: x.sharding, frozen))
-  for example_id, refined, _, _ in refine_lib.refine_dataset(
-      refine_fn, trainable, frozen, refine_lib.eval_split_dataset(s2), s2, mesh):
-    infer.write_png(os.path.join(refined_dir, f"{example_id}.png"), refined)
-  _say(t0, f"refined test maps -> {refined_dir} ({s2.diffusion.num_inference_steps} DDIM steps, "
-       f"guidance {s2.diffusion.guidance_scale})")
+  shardings = (jax.tree.map(lambda x: x.sharding, trainable),
+               jax.tree.map(lambda x: x.sharding, frozen))
+  for out_dir, only_ae in ((refined_dir, False), (autoencoded_dir, True)):
+    fn = refine_lib.make_refine_fn(ref, s2, mesh, *shardings, autoencode_only=only_ae)
+    for example_id, refined, _, _ in refine_lib.refine_dataset(
+        fn, trainable, frozen, refine_lib.eval_split_dataset(s2), s2, mesh):
+      infer.write_png(os.path.join(out_dir, f"{example_id}.png"), refined)
+  d = s2.diffusion
+  _say(t0, f"refined test maps -> {refined_dir} ({d.num_inference_steps} DDIM steps at strength "
+       f"{d.strength}, guidance {d.guidance_scale}); control without diffusion (coarse maps "
+       f"through the autoencoder only) -> {autoencoded_dir}")
 
   label_dir = os.path.join(workdir, "labels", s1.data.eval_split)
   _export_labels(s1, s1.data.eval_split, label_dir)
   report = {}
   for name, pred_dir in (("coarse", os.path.join(coarse_dir, s1.data.eval_split)),
-                         ("refined", refined_dir)):
+                         ("refined", refined_dir), ("coarse_autoencoded", autoencoded_dir)):
     report[name] = metrics.evaluate_dirs(pred_dir, label_dir, num_classes=num_classes,
                                          edge_size=config.edge_size, progress=False)
   report["seconds"] = round(time.time() - t0, 1)
@@ -106,15 +111,27 @@ def main(argv):
 
 
 def comparison_table(report) -> str:
+  """coarse vs refined, and the no-diffusion control (coarse through the autoencoder) if any."""
   rows = [("mIoU", "miou"), ("mF1", "mf1"), ("OA", "oa"), ("WF min (boundary band)", "wf_min"),
           ("WF mean", "wf_mean"), ("Boundary IoU", "biou"), ("Boundary F", "bf")]
-  lines = ["", f"| {'metric':<24} | {'coarse':>8} | {'refined':>8} | {'delta':>8} |",
-           f"|{'-' * 26}|{'-' * 10}|{'-' * 10}|{'-' * 10}|"]
+  control = report.get("coarse_autoencoded")
+  head = f"| {'metric':<24} | {'coarse':>8} | {'refined':>8} | {'delta':>8} |"
+  rule = f"|{'-' * 26}|{'-' * 10}|{'-' * 10}|{'-' * 10}|"
+  if control is not None:
+    head += f" {'AE only':>8} |"
+    rule += f"{'-' * 10}|"
+  lines = ["", head, rule]
   for title, key in rows:
     c, r = report["coarse"].get(key), report["refined"].get(key)
     if c is None or r is None:
       continue
-    lines.append(f"| {title:<24} | {c:8.4f} | {r:8.4f} | {r - c:+8.4f} |")
+    line = f"| {title:<24} | {c:8.4f} | {r:8.4f} | {r - c:+8.4f} |"
+    if control is not None and control.get(key) is not None:
+      line += f" {control[key]:8.4f} |"
+    lines.append(line)
+  if control is not None:
+    lines.append("AE only: the coarse maps through the label embedding and autoencoder, no "
+                 "diffusion (the control).")
   return "\n".join(lines)
 
 

@@ -142,7 +142,7 @@ def cubic_timesteps(t: jax.Array, num_train_timesteps: int) -> jax.Array:
 
 
 def sample_timesteps(rng: jax.Array, batch: int, schedule: NoiseSchedule,
-                     strategy: str = "uniform") -> jax.Array:
+                     strategy: str = "uniform", max_timestep: int = 0) -> jax.Array:
   """Draws training timesteps t ~ U{0..T−1}, optionally remapped by the cubic strategy.
 
   Args:
@@ -151,11 +151,18 @@ def sample_timesteps(rng: jax.Array, batch: int, schedule: NoiseSchedule,
     schedule: supplies T.
     strategy: "uniform" or "cubic" (see `cubic_timesteps`; the original's
       `time_sample_strategy`, on for Potsdam and off for CHN6-CUG).
+    max_timestep: ours, uniform only: 0 (the original) draws from all T; m > 0 draws from
+      U{0..m−1}, the only timesteps an img2img start at strength ≤ m / T ever visits.
 
   Returns:
     int32 [batch] timesteps.
   """
   T = schedule.num_train_timesteps
+  if max_timestep:
+    if strategy != "uniform" or not 0 < max_timestep <= T:
+      raise ValueError(f"max_timestep={max_timestep} needs the uniform strategy and "
+                       f"0 < max_timestep <= {T} (got strategy {strategy!r})")
+    return jax.random.randint(rng, (batch,), 0, max_timestep, dtype=jnp.int32)
   t = jax.random.randint(rng, (batch,), 0, T, dtype=jnp.int32)
   if strategy == "uniform":
     return t

@@ -22,8 +22,14 @@ from idgbr_jax.parallel import sharding
 from idgbr_jax.train import common, optim, stage2
 
 
-def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, frozen_sh):
-  """Jitted (trainable, frozen, image, coarse, rng) -> (class maps uint8, coarse-free logits)."""
+def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, frozen_sh, *,
+                   autoencode_only: bool = False):
+  """Jitted (trainable, frozen, image, coarse, rng) -> refined class maps (uint8).
+
+  `autoencode_only=True` is the control without diffusion: the coarse map through the label
+  embedding and the VAE and back (what refinement would return if it changed nothing in the
+  latent), so reports can separate the autoencoder's effect from the denoiser's.
+  """
   rules = tuple(config.sharding_rules)
   d = config.diffusion
   schedule = stage2.make_schedule(config)
@@ -40,6 +46,10 @@ def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, f
       out_shardings=sharding.batch_sharding(mesh, 3, rules))
   def refine(trainable, frozen, image, coarse, rng):
     r_cond, r_noise = jax.random.split(rng)
+    if autoencode_only:
+      del trainable, image
+      z0 = ref.encode_labels(frozen, coarse, jax.random.split(r_cond)[1])
+      return jnp.argmax(ref.decode_logits(frozen, z0), axis=-1).astype(jnp.uint8)
     cond = ref.encode_conditions(frozen, image, coarse, r_cond, use_coarse=d.use_coarse)
     h = ref.latent_size(image.shape[1])
     z_T = jax.random.normal(r_noise, (image.shape[0], h, h, ref.config.denoiser.in_channels),

@@ -175,7 +175,8 @@ def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config):
     else:
       z0 = ref.encode_labels(frozen, label, r_gt)
     z0 = jax.lax.stop_gradient(z0)
-    t = diffusion.sample_timesteps(r_t, b, schedule, d.timestep_strategy)
+    t = diffusion.sample_timesteps(r_t, b, schedule, d.timestep_strategy,
+                                   d.get("train_max_timestep", 0))
     noise = jax.random.normal(r_noise, z0.shape, jnp.float32)
     z_t = diffusion.add_noise(schedule, z0, noise, t)
     keep = (jax.random.uniform(r_drop, (b,)) >= d.cond_dropout).astype(jnp.float32)

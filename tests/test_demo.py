@@ -1,0 +1,49 @@
+"""`idgbr demo` end to end at its smoke-test size (`configs/demo.py:runlocal`): every stage runs,
+the report holds the evaluation suite's keys for coarse, refined and the no-diffusion control,
+and its numbers are those of the maps it wrote."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from idgbr_jax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read_dir(path):
+  return {os.path.splitext(f)[0]: np.asarray(Image.open(os.path.join(path, f)))
+          for f in sorted(os.listdir(path))}
+
+
+def test_demo_runlocal_writes_a_consistent_report(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  env.pop("XLA_FLAGS", None)  # one device, as a user's run
+  res = subprocess.run(
+      [sys.executable, "-m", "idgbr_jax.cli", "demo", f"--workdir={tmp_path}",
+       f"--config={os.path.join(REPO, 'configs', 'demo.py')}:runlocal"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr[-4000:]
+  assert "| WF min (boundary band)" in res.stdout and "AE only" in res.stdout
+  with open(tmp_path / "report.json") as f:
+    report = json.load(f)
+  keys = {"miou", "mf1", "oa", "kappa", "fw_iou", "per_class_iou", "per_class_f1", "wf_min",
+          "wf_mean", "biou", "bf", "missing_predictions"}
+  labels = _read_dir(tmp_path / "labels" / "test")
+  assert len(labels) == 8  # runlocal: 8 test images
+  for name, folder in (("coarse", "coarse"), ("refined", "refined"),
+                       ("coarse_autoencoded", "autoencoded")):
+    assert keys <= set(report[name]), (name, keys - set(report[name]))
+    assert report[name]["missing_predictions"] == 0
+    maps = _read_dir(tmp_path / folder / "test")
+    assert sorted(maps) == sorted(labels)
+    assert all(m.shape == (32, 32) and m.max() <= 1 for m in maps.values())  # binary_roads
+    # The report's numbers are the evaluation suite's on the maps the demo wrote.
+    again = metrics.evaluate_maps([maps[k] for k in sorted(maps)],
+                                  [labels[k] for k in sorted(maps)], num_classes=2)
+    for key in ("miou", "wf_min", "wf_mean", "biou"):
+      np.testing.assert_allclose(report[name][key], again[key], rtol=1e-9, atol=1e-12)
+  assert report["seconds"] > 0
