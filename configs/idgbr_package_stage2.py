@@ -11,7 +11,7 @@ replaces the stored maps). As the original's loader, every example is resized to
 (`data.resize`). Ablations: full | no_rough | no_align | cubic | no_cubic. `:runlocal` is a CPU
 smoke-test size (tiny networks, examples resized to 32).
 """
-from configs import common, stage2_synthetic
+from configs import common, real_data, stage2_synthetic
 from idgbr_jax.data import sources
 
 PACKAGE_DATASETS = {"chn6_cug": (2, (0, 1)), "potsdam": (6, (1, 2, 3, 4, 5))}
@@ -26,13 +26,4 @@ def get_config(arg=None):
   config.data = sources.data_config(
       "idgbr_package", tfds_config=arg.dataset, num_classes=num_classes, resize=512,
       eval_num_classes=len(label_values), eval_label_values=label_values)
-  if arg.runlocal:
-    config.data.resize = 32
-    config.data.image_size = 32
-  else:
-    config.model.denoiser = "sd15"
-    config.model.guidance_width = 512
-    config.model.guidance_heads = 8
-    config.model.teacher = "vitg14"
-    config.model.context_length = 77
-  return config
+  return real_data.sd15_refiner(config, arg.runlocal)

@@ -12,25 +12,10 @@ the original's (SD-1.5 denoiser, CG width 512 / 8 heads, DINOv2-g teacher, 77-to
 512x512). Ablations as the original's configs: full | no_rough | no_align | cubic | no_cubic.
 `:runlocal` is a CPU smoke-test size (tiny networks, examples resized to 32).
 """
-from configs import common, stage2_synthetic
-from idgbr_jax.data import sources
+from configs import real_data
 
 DATASET = "potsdam"
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, ablation="full", tfds_config="", runlocal=False)
-  config = stage2_synthetic.get_config(f"ablation={arg.ablation},runlocal={arg.runlocal}")
-  config.data = sources.data_config(DATASET)
-  if arg.tfds_config:
-    config.data.tfds_config = arg.tfds_config
-  if arg.runlocal:
-    config.data.resize = 32
-    config.data.image_size = 32
-  else:
-    config.model.denoiser = "sd15"
-    config.model.guidance_width = 512
-    config.model.guidance_heads = 8
-    config.model.teacher = "vitg14"
-    config.model.context_length = 77
-  return config
+  return real_data.stage2(DATASET, arg)

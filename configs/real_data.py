@@ -1,0 +1,80 @@
+"""The Stage I / Stage II config bodies shared by the real datasets' experiment files.
+
+Each `configs/<dataset>_stage{1,2}.py` is one experiment (its own `get_config(arg)` and usage
+docstring) and delegates here, so the five datasets cannot drift apart.
+"""
+import ml_collections
+
+from configs import common, stage1_synthetic, stage2_synthetic
+from idgbr_jax.data import sources
+from idgbr_jax.models import backbones
+
+BACKBONES = ("unet", "deeplabv3plus", "segformer")
+
+
+def _with_backbone_key(arg):
+  """'segformer,variant=b2' -> 'backbone=segformer,variant=b2'."""
+  items = [item for item in (arg or "").split(",") if item]
+  if items and "=" not in items[0] and items[0] in BACKBONES:
+    items[0] = f"backbone={items[0]}"
+  return ",".join(items)
+
+
+def stage1(dataset: str, arg=None) -> ml_collections.ConfigDict:
+  """Stage I on `dataset`; arg = backbone[,variant=..][,tfds_config=..][,runlocal]."""
+  arg = common.parse_arg(_with_backbone_key(arg), backbone="segformer", variant="",
+                         tfds_config="", runlocal=False)
+  if arg.backbone not in BACKBONES:
+    raise ValueError(f"backbone {arg.backbone!r}; allowed: {BACKBONES}")
+  variant = arg.variant or backbones.DEFAULT_VARIANTS[arg.backbone]
+  config = stage1_synthetic.get_config(
+      f"backbone={arg.backbone},variant={variant},runlocal={arg.runlocal}")
+  config.data = sources.data_config(dataset)
+  if arg.tfds_config:
+    config.data.tfds_config = arg.tfds_config
+  # A starting point: the paper's Stage I recipe is not released.
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_train_steps = 20000
+  config.optim.warmup_steps = 500
+  config.log_every_steps = 100
+  config.eval_every_steps = 5000
+  config.checkpoint_every_steps = 2000
+
+  if arg.runlocal:
+    config.data.resize = 64
+    config.data.image_size = 64
+    config.model.variant = "tiny"
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.num_train_steps = 20
+    config.optim.warmup_steps = 5
+    config.log_every_steps = 5
+    config.eval_every_steps = 20
+    config.checkpoint_every_steps = 10
+  return config
+
+
+def sd15_refiner(config: ml_collections.ConfigDict, runlocal: bool) -> ml_collections.ConfigDict:
+  """The original's Stage II sizes (SD-1.5 denoiser, CG width 512 / 8 heads, DINOv2-g teacher,
+  77-token context); `runlocal` keeps the tiny networks and resizes examples to 32."""
+  if runlocal:
+    config.data.resize = 32
+    config.data.image_size = 32
+  else:
+    config.model.denoiser = "sd15"
+    config.model.guidance_width = 512
+    config.model.guidance_heads = 8
+    config.model.teacher = "vitg14"
+    config.model.context_length = 77
+  return config
+
+
+def stage2(dataset: str, arg=None) -> ml_collections.ConfigDict:
+  """Stage II on `dataset`; arg = [ablation=..][,tfds_config=..][,runlocal]."""
+  arg = common.parse_arg(arg, ablation="full", tfds_config="", runlocal=False)
+  config = stage2_synthetic.get_config(f"ablation={arg.ablation},runlocal={arg.runlocal}")
+  config.data = sources.data_config(dataset)
+  if arg.tfds_config:
+    config.data.tfds_config = arg.tfds_config
+  return sd15_refiner(config, arg.runlocal)
