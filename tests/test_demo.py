@@ -20,7 +20,9 @@ def _read_dir(path):
 
 
 def test_demo_runlocal_writes_a_consistent_report(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  # Skipping XLA's optimisation passes halves compile time, which is all of a smoke-size run.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+         "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
   env.pop("XLA_FLAGS", None)  # one device, as a user's run
   res = subprocess.run(
       [sys.executable, "-m", "idgbr_jax.cli", "demo", f"--workdir={tmp_path}",
