@@ -112,53 +112,46 @@ def bench_jax(config, rc, batch_np, args):
             "guidance": common.count_params(state["params"]["guidance"]),
             "label_embed": common.count_params(frozen["label_embed"])}
   repl = sharding.replicated(mesh)
-  step = jax.jit(stage2.make_train_step(ref, tx, lr, stage2.make_schedule(config), config),
-                 in_shardings=(state_sh, f_sh, stage2.batch_shardings(mesh, rules), repl),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,))
-  refine_fn = refine_lib.make_refine_fn(ref, config, mesh, state_sh["params"], f_sh)
-  out = {"counts": counts}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    batch = pipeline.to_global(batch_np, mesh, rules)
-    rng = jax.random.key(0)
+  train_step = stage2.make_train_step(ref, tx, lr, stage2.make_schedule(config), config)
+
+  def jit_step(cached_keys=()):
+    return jax.jit(train_step, in_shardings=(state_sh, f_sh,
+                                             stage2.batch_shardings(mesh, rules, cached_keys),
+                                             repl),
+                   out_shardings=(state_sh, repl), donate_argnums=(0,))
+
+  def time_steps(step, state, batch, rng):
+    """(state, compile seconds, median step seconds, last loss) after 2 warm-up steps."""
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batch, rng).compile()
-    out["train_compile_s"] = time.perf_counter() - start
-    for _ in range(2):  # warm-up
+    compile_s = time.perf_counter() - start
+    for _ in range(2):
       state, m = compiled(state, frozen, batch, rng)
     jax.block_until_ready(state)
     holder = {"state": state}
 
     def one_step():
-      holder["state"], m = compiled(holder["state"], frozen, batch, rng)
-      jax.block_until_ready(m)
+      holder["state"], holder["m"] = compiled(holder["state"], frozen, batch, rng)
+      jax.block_until_ready(holder["m"])
 
-    out["train_s"] = _median_time(one_step, args.train_iters)
-    out["loss"] = float(m.compute()["loss"])
-    state = holder["state"]
+    step_s = _median_time(one_step, args.train_iters)
+    return holder["state"], compile_s, step_s, float(holder["m"].compute()["loss"])
 
+  refine_fn = refine_lib.make_refine_fn(ref, config, mesh, state_sh["params"], f_sh)
+  out = {"counts": counts}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    batch = pipeline.to_global(batch_np, mesh, rules)
+    rng = jax.random.key(0)
+    state, out["train_compile_s"], out["train_s"], out["loss"] = time_steps(
+        jit_step(), state, batch, rng)
     # The same step fed the latent cache's posterior moments (config.latent_cache): the three
     # frozen VAE encoder passes happen once per (example, flip/rot) before training instead.
-    keys = ("image", "label", "coarse")
-    cached_step = jax.jit(
-        stage2.make_train_step(ref, tx, lr, stage2.make_schedule(config), config),
-        in_shardings=(state_sh, f_sh, stage2.batch_shardings(mesh, rules, keys), repl),
-        out_shardings=(state_sh, repl), donate_argnums=(0,))
     moments = jax.jit(lambda f, b: {"image_moments": ref.image_moments(f, b["image"]),
                                     "label_moments": ref.label_moments(f, b["label"]),
                                     "coarse_moments": ref.label_moments(f, b["coarse"])})
     cached_batch = {**batch, **moments(frozen, batch)}
-    compiled_cached = cached_step.lower(state, frozen, cached_batch, rng).compile()
-    for _ in range(2):
-      state, m = compiled_cached(state, frozen, cached_batch, rng)
-    jax.block_until_ready(state)
-    holder = {"state": state}
-
-    def one_cached_step():
-      holder["state"], m = compiled_cached(holder["state"], frozen, cached_batch, rng)
-      jax.block_until_ready(m)
-
-    out["train_cached_s"] = _median_time(one_cached_step, args.train_iters)
-    state = holder["state"]
+    state, _, out["train_cached_s"], _ = time_steps(
+        jit_step(("image", "label", "coarse")), state, cached_batch, rng)
 
     trainable = state["params"]
     image, coarse = batch["image"], batch["coarse"]
