@@ -151,3 +151,39 @@ def test_nearest_seed_bit_large_window_on_a_tiny_map():
   needed = np.ones_like(seeds)
   for window, exact_sq in ((13, 18), (0, 400), (40, 400)):
     _check_nearest_seed_bit(seeds, bit, needed, exact_sq, window)
+
+
+def test_capped_distance_is_exact_below_the_cap():
+  # The int16 transform of the far fallback: exact squared distances at the needed pixels that
+  # lie less than _CAP away, and at least _CAP^2 at those that do not (maps wider than the cap).
+  rng = np.random.default_rng(11)
+  cap = distance._CAP
+  seeds = np.zeros((4, 150, 2 * cap + 30), bool)
+  seeds[0, rng.integers(150, size=6), rng.integers(seeds.shape[2], size=6)] = True
+  seeds[1, 75, 10] = True  # one seed: the far right is beyond the cap
+  seeds[2] = rng.random(seeds.shape[1:]) < 0.01
+  seeds[3, :, cap + 15] = True  # a vertical line: both sides at distance up to cap + 15
+  needed = rng.random(seeds.shape) < 0.3
+  got = np.asarray(jax.jit(distance._capped_distance_sq)(seeds, needed, needed.any()))
+  for i in range(len(seeds)):
+    ref = np.rint(ndimage.distance_transform_edt(~seeds[i]) ** 2).astype(np.int64)
+    near = needed[i] & (ref < cap * cap)
+    far = needed[i] & ~near
+    np.testing.assert_array_equal(got[i][near], ref[near])
+    assert np.all(got[i][far] >= cap * cap)
+    assert far.any() == (i in (1, 3))
+
+
+def test_nearest_seed_bit_needed_pixels_beyond_the_cap_take_the_full_transform():
+  # Needed pixels past _CAP: the capped transform hands over to the keyed full transform; pixels
+  # within reach keep the window's bit. Map 0 stays below the cap, map 1 does not.
+  rng = np.random.default_rng(12)
+  cap = distance._CAP
+  seeds = np.zeros((2, 40, 2 * cap + 20), bool)
+  seeds[0, :, ::60] = rng.random((40, seeds[0, :, ::60].shape[1])) < 0.5
+  seeds[1, 5:9, 3:7] = True
+  seeds[1, 30, 12] = True
+  bit = rng.random(seeds.shape) < 0.5
+  needed = rng.random(seeds.shape) < 0.1
+  _check_nearest_seed_bit(seeds[:1], bit[:1], needed[:1], 18, 8)
+  _check_nearest_seed_bit(seeds, bit, needed, 18, 8)

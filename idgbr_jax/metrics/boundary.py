@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idgbr_jax.metrics import fusion
+
 # Outside-band marker of the original edge maps; a raw value >= 255 inside the band is
 # indistinguishable from "outside" after the `lt255` binarisation.
 OUTSIDE_BAND = 255
@@ -58,7 +60,10 @@ def dilate_square(mask: jax.Array, size: int) -> jax.Array:
   anchor = size // 2  # cv2's default anchor (-1, -1) is the kernel centre, floor for even sizes.
   offsets = range(-anchor, size - anchor)
   # Separable: a square max-filter is a row max-filter followed by a column max-filter.
-  rows = window_reduce(mask, [(0, d) for d in offsets], "max", False)
+  # Each pass reads its input at `size` offsets: materialise the inputs so XLA on CPU does not
+  # recompute them per offset (see `fusion`).
+  mask = fusion.materialize(mask)
+  rows = fusion.materialize(window_reduce(mask, [(0, d) for d in offsets], "max", False))
   return window_reduce(rows, [(d, 0) for d in offsets], "max", False)
 
 
@@ -145,8 +150,10 @@ def window_reduce(x: jax.Array, offsets: Sequence[tuple[int, int]], op: str, fil
   height, width = x.shape[-2:]
   py = max(abs(dy) for dy, _ in offsets)
   px = max(abs(dx) for _, dx in offsets)
-  # One padded copy read at every offset, rather than a padded copy per offset.
-  padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(py, py), (px, px)], constant_values=fill)
+  # One padded copy read at every offset, rather than a padded copy per offset; materialised,
+  # so XLA on CPU does not recompute x's producer for each offset (see `fusion`).
+  padded = fusion.materialize(
+      jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(py, py), (px, px)], constant_values=fill))
   out = None
   for dy, dx in offsets:
     s = padded[..., py + dy:py + dy + height, px + dx:px + dx + width]
@@ -166,10 +173,12 @@ def _window_extreme_1d(x: jax.Array, size: int, axis: int, reduce) -> jax.Array:
   pad[axis] = (radius, radius)
   m = jnp.pad(x, pad, mode="edge")
   span = 1  # m[p] = reduce over the `span` samples starting at p.
+  m = fusion.materialize(m)
   while 2 * span <= size:
     length = m.shape[axis]
-    m = reduce(jax.lax.slice_in_dim(m, 0, length - span, axis=axis),
-               jax.lax.slice_in_dim(m, span, length, axis=axis))
+    # Each step materialised: fused, step k would re-read 2^k copies of the input.
+    m = fusion.materialize(reduce(jax.lax.slice_in_dim(m, 0, length - span, axis=axis),
+                                  jax.lax.slice_in_dim(m, span, length, axis=axis)))
     span *= 2
   return reduce(jax.lax.slice_in_dim(m, 0, n, axis=axis),
                 jax.lax.slice_in_dim(m, size - span, size - span + n, axis=axis))

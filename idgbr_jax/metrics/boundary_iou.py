@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idgbr_jax.metrics import boundary
+from idgbr_jax.metrics import fusion
 
 
 def boundary_dilation(height: int, width: int, dilation_ratio: float = 0.02) -> int:
@@ -91,7 +92,8 @@ def _near_boundary(own, other, other_edge, offsets):
   # The other map's class where it is a boundary pixel, -2 elsewhere, -3 outside the map: a
   # match with own == c >= 0 is exactly "a boundary pixel of class c at this offset".
   other_b = jnp.where(other_edge, other, jnp.asarray(-2, other.dtype))
-  padded = jnp.pad(other_b, [(0, 0)] * (own.ndim - 2) + [(r, r), (r, r)], constant_values=-3)
+  padded = fusion.materialize(
+      jnp.pad(other_b, [(0, 0)] * (own.ndim - 2) + [(r, r), (r, r)], constant_values=-3))
   near = None
   for dy, dx in offsets:
     hit = padded[..., r + dy:r + dy + height, r + dx:r + dx + width] == own
@@ -143,8 +145,9 @@ def boundary_f_stats(label, pred, valid, num_classes: int, tolerance: float = 2.
   disk = boundary.disk_offsets(tolerance)
   label8 = _compact(label, num_classes)
   pred8 = _compact(pred, num_classes)
-  gb = boundary.differs_from_neighbour(label8)
-  pb = boundary.differs_from_neighbour(pred8)
+  # Each boundary map has several readers: computed once (see `fusion`).
+  gb, pb = fusion.materialize((boundary.differs_from_neighbour(label8),
+                               boundary.differs_from_neighbour(pred8)))
   any_g, n_g, hit_g = _side_counts(label8, gb, pred8, pb, disk, num_classes)
   any_p, n_p, hit_p = _side_counts(pred8, pb, label8, gb, disk, num_classes)
   return _bf_from_counts(any_g, n_g, hit_g, any_p, n_p, hit_p)

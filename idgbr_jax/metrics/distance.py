@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idgbr_jax.metrics import fusion
+
 # Offsets examined per while-loop iteration: amortises loop overhead, costs at most
 # _UNROLL - 1 extra (harmless) offsets.
 _UNROLL = 8
@@ -204,7 +206,7 @@ def _window_keys(seeds, bit, radius, scale, key_dtype, inf):
 
 
 def nearest_seed_bit(seeds: jax.Array, bit: jax.Array, distance_needed: jax.Array,
-                     exact_sq: int, window: int = 8):
+                     exact_sq: int, window: int = 8, any_seed: jax.Array | None = None):
   """`bit` at each pixel's nearest seed (scipy's choice), and squared distances where needed.
 
   Equal to `d2, r, c = feature_transform(seeds); bit[r, c]` on the pixels the caller names, for
@@ -220,6 +222,8 @@ def nearest_seed_bit(seeds: jax.Array, bit: jax.Array, distance_needed: jax.Arra
     exact_sq: the bit and d2 are also exact at every pixel whose squared distance is at most this.
     window: radius of the windowed fast path (static; raised to sqrt(exact_sq)), or 0 to run
       the full transform directly (when the needed pixels are known to lie far from the seeds).
+    any_seed: optional bool [..., 1, 1], whether each map holds a seed, when the caller knows
+      (saves a reduction over the map).
 
   Returns:
     (d2 int32, bit bool) [..., H, W]. Exact where stated above; elsewhere d2 is a finite value
@@ -236,7 +240,9 @@ def nearest_seed_bit(seeds: jax.Array, bit: jax.Array, distance_needed: jax.Arra
   min_offset = min(int(np.sqrt(exact_sq)), width)
   if window:
     window = min(max(int(window), int(np.ceil(np.sqrt(exact_sq)))), width)
-  any_seed = jnp.any(seeds, axis=(-2, -1), keepdims=True)
+  if any_seed is None:
+    any_seed = jnp.any(seeds, axis=(-2, -1), keepdims=True)
+  any_seed = jnp.asarray(any_seed, bool)
 
   def full_keys(_):
     nearest, vertical, has_seed = _column_pass(seeds, bit)
@@ -246,16 +252,98 @@ def nearest_seed_bit(seeds: jax.Array, bit: jax.Array, distance_needed: jax.Arra
     base = jnp.where(has_seed, vertical * vertical * scale + tag, inf)
     return _row_pass(base, width, scale, inf, any_seed, distance_needed, min_offset)
 
-  if window:
-    best = _window_keys(seeds, bit, window, scale, key_dtype, inf)
-    settled = best < (window + 1) ** 2 * scale
-    unsettled = jnp.any(distance_needed & ~settled & any_seed)
-    best = jax.lax.cond(unsettled, full_keys, lambda _: best, None)
-  else:
+  if not window:
     best = full_keys(None)
+    d2 = jnp.minimum(best // scale, 2**30).astype(jnp.int32)
+    none = ~any_seed
+    return jnp.where(none, -1, d2), (best & 1).astype(bool) & ~none
+
+  # Behind a `lax.cond` (skipping batches without any seed) the keys are materialised once:
+  # otherwise XLA on CPU fuses the whole windowed transform into each of its consumers below and
+  # recomputes it there (~1 ms per 512x512 map per consumer; `optimization_barrier` does not
+  # stop it).
+  best = jax.lax.cond(
+      jnp.any(any_seed), lambda _: _window_keys(seeds, bit, window, scale, key_dtype, inf),
+      lambda _: jnp.full(seeds.shape, inf, key_dtype), None)
+  settled = best < (window + 1) ** 2 * scale
   d2 = jnp.minimum(best // scale, 2**30).astype(jnp.int32)
+  open_pixels = distance_needed & ~settled & any_seed
+
+  def far_distances(_):
+    # Only distances are missing now (the bit is settled within exact_sq by the window): the
+    # capped int16 transform gives them unless a needed pixel lies `_CAP` or more away.
+    near_d2 = _capped_distance_sq(seeds, open_pixels, has_open).astype(jnp.int32)
+    beyond = jnp.any(open_pixels & (near_d2 >= _CAP * _CAP))
+    return jax.lax.cond(
+        beyond, lambda _: jnp.minimum(full_keys(None) // scale, 2**30).astype(jnp.int32),
+        lambda _: near_d2, None)
+
+  has_open = jnp.any(open_pixels)
+  far_d2 = jax.lax.cond(has_open, far_distances, lambda _: d2, None)
+  # Unsettled pixels nobody needs keep the window's bound (at least the true distance).
+  d2 = jnp.where(open_pixels, far_d2, d2)
   none = ~any_seed
   return jnp.where(none, -1, d2), (best & 1).astype(bool) & ~none
+
+
+# Distances below this many pixels take the int16 transform (`_capped_distance_sq`); its row pass
+# adds squared offsets below _CAP^2 to squared distances up to _CAP^2, within int16.
+_CAP = 120
+
+
+def _capped_distance_sq(seeds: jax.Array, needed: jax.Array, any_needed: jax.Array) -> jax.Array:
+  """Squared distance to the nearest seed at `needed` pixels, exact below `_CAP`^2, in int16.
+
+  No tie-breaking and no payload, so both passes work on int16 distances (half the traffic of
+  the keyed transform, and no whole-width padding):
+  1. Vertical distance, capped at _CAP, by min-plus doubling: after steps 1, 2, 4, ... every
+     offset below the next power of two is covered (the penalty is linear, so offsets add up).
+     The arrays shrink by each step instead of being re-padded.
+  2. Row pass over offsets up to the largest distance still open among `needed` (< _CAP).
+  Everything is computed on maps padded once, up front (seeds never lie in the padding):
+  padding a computed array makes XLA on CPU fuse its whole producer into the pad.
+
+  Returns int16 [..., H, W]: exact where `needed` and the distance is below _CAP; at least
+  _CAP^2 where `needed` and the distance is not; unspecified elsewhere.
+  """
+  height, width = seeds.shape[-2:]
+  lead = [(0, 0)] * (seeds.ndim - 2)
+  steps = []
+  while sum(steps) < _CAP - 1:
+    steps.append(1 << len(steps))
+  margin = sum(steps)  # rows consumed by the doubling steps
+  pad = _CAP + _UNROLL
+  init = jnp.pad(jnp.where(seeds, jnp.int16(0), jnp.int16(_CAP)),
+                 lead + [(margin, margin), (pad, pad)], constant_values=_CAP)
+  up = init[..., :height + margin, :]  # rows -margin .. H-1
+  down = init[..., margin:, :]  # rows 0 .. H-1+margin
+  for s in steps:
+    # Each step materialised (see `fusion`): fused, step k re-reads 2^k copies of the input.
+    up, down = fusion.materialize((jnp.minimum(up[..., s:, :], up[..., :-s, :] + s),
+                                   jnp.minimum(down[..., :-s, :], down[..., s:, :] + s)))
+  vertical = jnp.minimum(jnp.minimum(up, down), _CAP)
+  f = vertical * vertical  # [..., H, W + 2 pad], _CAP^2 in the padding
+
+  def offsets(i, best):
+    k = i * _UNROLL
+    for u in range(_UNROLL):
+      offset = k + u
+      left = jax.lax.dynamic_slice_in_dim(f, pad - offset, width, axis=-1)
+      right = jax.lax.dynamic_slice_in_dim(f, pad + offset, width, axis=-1)
+      best = jnp.minimum(best, jnp.minimum(left, right) + (offset * offset).astype(jnp.int16))
+    return best
+
+  # Offset 0 runs inside the loop too: the loop is then the only consumer of `f`, which XLA
+  # materialises once instead of fusing the doubling steps into a second reader.
+  best = jnp.full(seeds.shape, _CAP * _CAP, jnp.int16)
+  # Trip counts outside the loops, and data dependent (see `_row_pass`).
+  first = jnp.where(any_needed, 1, 0)
+  best = jax.lax.fori_loop(0, first, offsets, best)  # offsets 0 .. _UNROLL - 1
+  open_max = jnp.max(jnp.where(needed, best, 0)).astype(jnp.int32)
+  k_max = jnp.floor(jnp.sqrt(open_max.astype(jnp.float32))).astype(jnp.int32) + 1
+  k_max = jnp.minimum(k_max, _CAP - 1)
+  more = k_max // _UNROLL  # offsets up to _UNROLL * (1 + more) - 1 >= k_max
+  return jax.lax.fori_loop(first, first + more, offsets, best)
 
 
 def distance_transform_edt(image: jax.Array, return_indices: bool = False):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idgbr_jax.metrics import boundary_iou
+from idgbr_jax.metrics import fusion
 from idgbr_jax.metrics import region
 from idgbr_jax.metrics import repair
 from idgbr_jax.metrics import wfmeasure
@@ -65,7 +66,7 @@ def batch_statistics(pred_raw: jax.Array, label_raw: jax.Array, num_classes: int
     # Materialise the encoded maps once, as int8: otherwise XLA fuses the value-lookup chain of
     # `encode` into every consumer below and recomputes it per metric (measured on CPU).
     label, pred = label.astype(jnp.int8), pred.astype(jnp.int8)
-    label, pred, valid, label_ok, pred_ok = jax.lax.optimization_barrier(
+    label, pred, valid, label_ok, pred_ok = fusion.materialize(
         (label, pred, valid, label_ok, pred_ok))
   stats = {"confusion": region.confusion_matrix(label, pred, valid, num_classes)}
   stats["wf_score"], stats["wf_present"] = wfmeasure.band_wf_scores(pred_raw, label_raw,

@@ -20,6 +20,7 @@ import numpy as np
 
 from idgbr_jax.metrics import boundary
 from idgbr_jax.metrics import distance
+from idgbr_jax.metrics import fusion
 
 _EPS = float(np.spacing(1))  # MATLAB eps, as in the original.
 _SIGMA = 5.0
@@ -94,6 +95,9 @@ def _binary_blur(bits: jax.Array, dtype) -> jax.Array:
   for j in range(r, 0, -1):  # outermost pair first, as scipy's loop
     v = v + w[r + j] * (rows(-j) + rows(j)).astype(dtype)
 
+  # Computed once: XLA on CPU would otherwise redo the vertical pass for each horizontal tap.
+  v = fusion.materialize(v)
+
   def cols(dx):
     return v[..., r + dx:r + dx + width]
 
@@ -123,9 +127,10 @@ def weighted_fmeasure(pred: jax.Array, gt: jax.Array, window: int = 8) -> jax.Ar
   pred = jnp.asarray(pred)
   axes = (-2, -1)
   # Counted in integers: exact, and no float copy of the mask.
-  n_gt = jnp.sum(gt, axis=axes, dtype=jnp.int32).astype(dtype)
+  n_gt = jnp.sum(gt, axis=axes, dtype=jnp.int32)
   if pred.dtype == bool:
-    return _fmeasure(n_gt, *_binary_sums(pred, gt, dtype, window))
+    return _binary_fmeasure(pred, gt, n_gt, window)
+  n_gt = n_gt.astype(dtype)
   err = jnp.abs(pred.astype(dtype) - g)
   d2, rows, cols = distance.feature_transform(gt)
   height, width = gt.shape[-2:]
@@ -141,7 +146,13 @@ def weighted_fmeasure(pred: jax.Array, gt: jax.Array, window: int = 8) -> jax.Ar
   return _fmeasure(n_gt, ew_gt, fpw)
 
 
-def _binary_sums(pred, gt, dtype, window):
+def _binary_fmeasure(pred, gt, n_gt, window):
+  """`weighted_fmeasure` of a binary prediction, given the int count of ground-truth pixels."""
+  dtype = jnp.result_type(float)
+  return _fmeasure(n_gt.astype(dtype), *_binary_sums(pred, gt, dtype, window, n_gt > 0))
+
+
+def _binary_sums(pred, gt, dtype, window, any_gt=None):
   """(sum of E^w over G, sum of E^w off G) for a binary prediction.
 
   With E in {0, 1}: on G, E-hat = min(E, E^A) with weight 1; off G, E^w = B where E = 1 (a false
@@ -151,10 +162,13 @@ def _binary_sums(pred, gt, dtype, window):
   """
   err = pred != gt
   false_pos = err & ~gt
-  d2, err_t = distance.nearest_seed_bit(gt, err, false_pos, _BLUR_REACH_SQ, window)
+  if any_gt is not None:
+    any_gt = jnp.asarray(any_gt).reshape(gt.shape[:-2] + (1, 1))
+  d2, err_t = distance.nearest_seed_bit(gt, err, false_pos, _BLUR_REACH_SQ, window, any_gt)
   err_a = _binary_blur(err_t, dtype)
   axes = (-2, -1)
-  ew_gt = jnp.sum(jnp.where(gt, jnp.minimum(err.astype(dtype), err_a), 0.0), axis=axes)
+  # On G, E-hat = min(E, E^A) is 0 where E is 0: only the false negatives add.
+  ew_gt = jnp.sum(jnp.where(gt & err, jnp.minimum(1.0, err_a), 0.0), axis=axes)
   # B at the false positives: read from a table of every squared distance up to
   # _WEIGHT_TABLE_SIZE (numpy's exp, as the original), a gather ~3x cheaper than exp on CPU;
   # the exp formula runs instead only for a batch holding a farther false positive.
@@ -186,14 +200,20 @@ def band_wf_scores(pred_raw: jax.Array, label_raw: jax.Array, edge_size: int = 3
   """
   label_band = boundary.edge_band(label_raw, edge_size)
   pred_band = boundary.edge_band(pred_raw, edge_size)
+  # Both WF classes read both bands many times: compute each once (see `fusion`).
+  label_band, pred_band = fusion.materialize((label_band, pred_band))
+  # The classes are complements: one count gives both ground-truth sizes.
+  height, width = label_band.shape[-2:]
+  n_band = jnp.sum(label_band, axis=(-2, -1), dtype=jnp.int32)
   scores, present = [], []
   # One call per class, not one stacked call: the distance transform runs until the farthest
   # false positive of its batch, a few pixels for the non-band class (inside the thin band: the
-  # windowed fast path settles it) and often tens for the band (the full transform then runs in
-  # the fallback branch; measured no slower than calling it directly).
-  for cls_gt, cls_pred, window in ((~label_band, ~pred_band, 8), (label_band, pred_band, 8)):
-    q = weighted_fmeasure(cls_pred, cls_gt, window)
-    has = jnp.any(cls_gt, axis=(-2, -1))
+  # windowed fast path settles it) and often tens for the band (the capped or full transform
+  # then runs in a fallback branch).
+  for cls_gt, cls_pred, n_gt in ((~label_band, ~pred_band, height * width - n_band),
+                                 (label_band, pred_band, n_band)):
+    has = n_gt > 0
+    q = _binary_fmeasure(cls_pred, cls_gt, n_gt, 8)
     scores.append(jnp.where(has, q, 0.0))
     present.append(has)
   return jnp.stack(scores, axis=-1), jnp.stack(present, axis=-1)
