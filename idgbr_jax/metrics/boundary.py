@@ -235,7 +235,11 @@ def histogram(codes: jax.Array, length: int) -> jax.Array:
   """
   lead = codes.shape[:-2]
   num_maps = int(np.prod(lead)) if lead else 1
-  codes = codes.reshape((num_maps, -1)).astype(jnp.int32)
+  # Computed in map layout first: fused into the scatter's [N, 1] index operand, the code's whole
+  # producer runs one pixel at a time (no vector lanes along a unit minor axis), several times
+  # slower on CPU (see `fusion`).
+  codes = fusion.materialize(jnp.asarray(codes).astype(jnp.int32))
+  codes = codes.reshape((num_maps, -1))
   # Each map gets one extra bin for the codes that are not counted, so every index is in
   # bounds and the scatter needs no bounds checks.
   stride = length + 1

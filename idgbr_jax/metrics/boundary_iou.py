@@ -30,6 +30,10 @@ from idgbr_jax.metrics import boundary
 from idgbr_jax.metrics import fusion
 
 
+# Largest joint histogram (bins per image) built in one scatter; beyond it, one per side.
+_MAX_JOINT_BINS = 1 << 16
+
+
 def boundary_dilation(height: int, width: int, dilation_ratio: float = 0.02) -> int:
   """boundary-iou-api: max(1, round(ratio * image diagonal)) (Python's round)."""
   diag = np.sqrt(height**2 + width**2)
@@ -60,6 +64,19 @@ def boundary_iou_stats(label, pred, valid, num_classes: int, dilation_ratio: flo
   class mask at once), and the counts come from one histogram of (label, pred, in label band,
   in pred band) over valid pixels.
   """
+  k = num_classes
+  code = boundary_iou_codes(label, pred, valid, k, dilation_ratio)
+  hist = boundary.histogram(code, 4 * k * k)
+  return boundary_iou_from_counts(hist.reshape(label.shape[:-2] + (k, k, 2, 2)))
+
+
+def boundary_iou_codes(label, pred, valid, num_classes: int, dilation_ratio: float = 0.02):
+  """Per-pixel code ((label * K + pred) * 2 + in label band) * 2 + in pred band, in [0, 4K^2),
+  or -1 where the pixel is not valid or either map is unmapped (int32 [B, H, W]).
+
+  Its histogram gives boundary IoU (`boundary_iou_from_counts`) and, summed over the band bits,
+  the confusion matrix of the same pixels.
+  """
   height, width = label.shape[-2:]
   k = num_classes
   d = boundary_dilation(height, width, dilation_ratio)
@@ -70,8 +87,12 @@ def boundary_iou_stats(label, pred, valid, num_classes: int, dilation_ratio: flo
   lab = label8.astype(jnp.int32)
   prd = pred8.astype(jnp.int32)
   code = ((lab * k + prd) * 2 + in_gb.astype(jnp.int32)) * 2 + in_pb.astype(jnp.int32)
-  code = jnp.where(valid & (lab >= 0) & (prd >= 0), code, -1)
-  hist = boundary.histogram(code, k * k * 4).reshape(label.shape[:-2] + (k, k, 2, 2))
+  return jnp.where(valid & (lab >= 0) & (prd >= 0), code, -1)
+
+
+def boundary_iou_from_counts(hist):
+  """(intersections, unions) [B, K] from counts [B, K, K, 2, 2] of `boundary_iou_codes`."""
+  k = hist.shape[-3]
   classes = jnp.arange(k)
   inter = hist[..., classes, classes, 1, 1]
   in_label_band = jnp.sum(hist[..., 1, :], axis=(-2, -1))
@@ -101,15 +122,12 @@ def _near_boundary(own, other, other_edge, offsets):
   return near
 
 
-def _side_counts(own, own_edge, other, other_edge, offsets, num_classes):
-  """Per class c: pixels of `own == c` (any), on its 1-px boundary, and those boundary pixels
-  with a boundary pixel of `other == c` within the tolerance disk. int32 [B, K] each."""
+def _side_codes(own, own_edge, other, other_edge, offsets):
+  """Per-pixel code ((own + 1) * 2 + on own boundary) * 2 + near, in [0, 4(K + 1)): `near` is
+  a boundary pixel of `other` with the pixel's class within the tolerance disk."""
   near = _near_boundary(own, other, other_edge, offsets)
   own32 = own.astype(jnp.int32)
-  code = ((own32 + 1) * 2 + own_edge.astype(jnp.int32)) * 2 + near.astype(jnp.int32)
-  hist = boundary.histogram(code, (num_classes + 1) * 4)
-  hist = hist.reshape(own.shape[:-2] + (num_classes + 1, 2, 2))
-  return _side_from_hist(hist)
+  return ((own32 + 1) * 2 + own_edge.astype(jnp.int32)) * 2 + near.astype(jnp.int32)
 
 
 def _side_from_hist(hist):
@@ -139,8 +157,23 @@ def boundary_f_stats(label, pred, valid, num_classes: int, tolerance: float = 2.
   All classes in one pass: the 1-px boundary of class c is `(map == c) & differs`, where
   `differs` marks pixels with an in-map 8-neighbour of another value, and "within the tolerance
   of a class-c boundary pixel of the other map" is tested against the other map's class, so no
-  per-class masks are built.
+  per-class masks are built. Both sides' counts come from one histogram.
   """
+  side = 4 * (num_classes + 1)
+  label_code, pred_code = boundary_f_codes(label, pred, valid, num_classes, tolerance)
+  if side * side <= _MAX_JOINT_BINS:
+    hist = boundary.histogram(label_code * side + pred_code, side * side)
+    hist = hist.reshape(hist.shape[:-1] + (side, side))
+    label_hist, pred_hist = jnp.sum(hist, axis=-1), jnp.sum(hist, axis=-2)
+  else:
+    label_hist = boundary.histogram(label_code, side)
+    pred_hist = boundary.histogram(pred_code, side)
+  return boundary_f_from_counts(label_hist, pred_hist, num_classes)
+
+
+def boundary_f_codes(label, pred, valid, num_classes: int, tolerance: float = 2.0):
+  """Per-pixel codes of the label side and of the prediction side (see `_side_codes`), each in
+  [0, 4 (K + 1)), int32 [B, H, W]."""
   del valid  # Boundaries come from the class maps; unmapped pixels belong to no class.
   disk = boundary.disk_offsets(tolerance)
   label8 = _compact(label, num_classes)
@@ -148,8 +181,14 @@ def boundary_f_stats(label, pred, valid, num_classes: int, tolerance: float = 2.
   # Each boundary map has several readers: computed once (see `fusion`).
   gb, pb = fusion.materialize((boundary.differs_from_neighbour(label8),
                                boundary.differs_from_neighbour(pred8)))
-  any_g, n_g, hit_g = _side_counts(label8, gb, pred8, pb, disk, num_classes)
-  any_p, n_p, hit_p = _side_counts(pred8, pb, label8, gb, disk, num_classes)
+  return (_side_codes(label8, gb, pred8, pb, disk), _side_codes(pred8, pb, label8, gb, disk))
+
+
+def boundary_f_from_counts(label_hist, pred_hist, num_classes: int):
+  """(F, counted) [B, K] from the counts [B, 4 (K + 1)] of both sides' `boundary_f_codes`."""
+  shape = label_hist.shape[:-1] + (num_classes + 1, 2, 2)
+  any_g, n_g, hit_g = _side_from_hist(label_hist.reshape(shape))
+  any_p, n_p, hit_p = _side_from_hist(pred_hist.reshape(shape))
   return _bf_from_counts(any_g, n_g, hit_g, any_p, n_p, hit_p)
 
 
@@ -176,13 +215,38 @@ def mba_stats(label, pred, valid, num_classes: int | None = None):
   else:
     label = jnp.asarray(label).astype(jnp.int32)
     pred = jnp.asarray(pred).astype(jnp.int32)
-  same = (pred == label).astype(jnp.int32)
+  code = _mba_code(label, pred)
+  unique = sorted(set(mba_radii(height, width)))
+  hist = boundary.histogram(code, 2 ** (len(unique) + 1))
+  return mba_from_counts(hist, height, width)
+
+
+def mba_codes(label, pred, num_classes: int):
+  """Per-pixel code (sum_u in band u << u) * 2 + (pred == label) over the distinct CascadePSP
+  radii u, in [0, 2^(U+1)), int32 [B, H, W]; its histogram gives mBA (`mba_from_counts`)."""
+  return _mba_code(_compact(label, num_classes), _compact(pred, num_classes))
+
+
+def _mba_code(label, pred):
+  height, width = label.shape[-2:]
+  unique = sorted(set(mba_radii(height, width)))
+  code = (pred == label).astype(jnp.int32)
+  for u, band in enumerate(_mba_bands(label, unique)):
+    code = code + band.astype(jnp.int32) * (2 << u)
+  return code
+
+
+def mba_from_counts(hist, height: int, width: int):
+  """(mBA, defined) [B] from counts [B, 2^(U+1)] of `mba_codes`."""
   radii = mba_radii(height, width)
   unique = sorted(set(radii))
-  codes = [jnp.where(band, same, -1) for band in _mba_bands(label, unique)]
-  # Counts of (band, pred == label) for every distinct radius in one histogram.
-  hist = boundary.histogram(jnp.stack(codes, axis=-3), 2)
-  return _mba_from_counts(hist[..., 0] + hist[..., 1], hist[..., 1], radii)
+  codes = np.arange(hist.shape[-1])
+  n_band, good = [], []
+  for u in range(len(unique)):
+    in_band = (codes >> (u + 1)) & 1 == 1
+    n_band.append(jnp.sum(hist[..., in_band], axis=-1))
+    good.append(jnp.sum(hist[..., in_band & (codes & 1 == 1)], axis=-1))
+  return _mba_from_counts(jnp.stack(n_band, -1), jnp.stack(good, -1), radii)
 
 
 def _mba_bands(label, radii):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idgbr_jax.metrics import boundary
 from idgbr_jax.metrics import boundary_iou
 from idgbr_jax.metrics import fusion
 from idgbr_jax.metrics import region
@@ -34,6 +35,9 @@ from idgbr_jax.metrics import wfmeasure
 IMAGE_EXTS = (".png", ".tif", ".tiff")
 BF_TOLERANCE = 2.0
 DILATION_RATIO = 0.02
+
+# Largest joint histogram (bins per image) built in one scatter; beyond it, one per statistic.
+_MAX_JOINT_BINS = 1 << 16
 
 # Per-image statistics summed over images (the order of keys fixes the report).
 _SUM_KEYS = ("confusion", "wf_score", "wf_present", "biou_inter", "biou_union", "bf_score",
@@ -68,15 +72,32 @@ def batch_statistics(pred_raw: jax.Array, label_raw: jax.Array, num_classes: int
     label, pred = label.astype(jnp.int8), pred.astype(jnp.int8)
     label, pred, valid, label_ok, pred_ok = fusion.materialize(
         (label, pred, valid, label_ok, pred_ok))
-  stats = {"confusion": region.confusion_matrix(label, pred, valid, num_classes)}
+  k = num_classes
+  height, width = label.shape[-2:]
+  stats = {}
   stats["wf_score"], stats["wf_present"] = wfmeasure.band_wf_scores(pred_raw, label_raw,
                                                                     edge_size)
-  stats["biou_inter"], stats["biou_union"] = boundary_iou.boundary_iou_stats(
-      label, pred, valid, num_classes, dilation_ratio)
+  # The confusion matrix, boundary IoU and mBA are all counts of per-pixel codes: one joint
+  # histogram (a scatter, the costliest step on CPU) serves the three while the joint code space
+  # stays small. Invalid pixels keep a bin of their own, as mBA counts them.
+  biou_code = boundary_iou.boundary_iou_codes(label, pred, valid, k, dilation_ratio)
+  biou_code = jnp.where(biou_code < 0, 4 * k * k, biou_code)
+  mba_code = boundary_iou.mba_codes(label, pred, k)
+  mba_bins = 2 ** (len(set(boundary_iou.mba_radii(height, width))) + 1)
+  if (4 * k * k + 1) * mba_bins <= _MAX_JOINT_BINS:
+    hist = boundary.histogram(biou_code * mba_bins + mba_code, (4 * k * k + 1) * mba_bins)
+    hist = hist.reshape(hist.shape[:-1] + (4 * k * k + 1, mba_bins))
+    region_hist, mba_hist = jnp.sum(hist, axis=-1), jnp.sum(hist, axis=-2)
+  else:
+    region_hist = boundary.histogram(biou_code, 4 * k * k + 1)
+    mba_hist = boundary.histogram(mba_code, mba_bins)
+  region_counts = region_hist[..., :4 * k * k].reshape(region_hist.shape[:-1] + (k, k, 2, 2))
+  stats["confusion"] = jnp.sum(region_counts, axis=(-2, -1))
+  stats["biou_inter"], stats["biou_union"] = boundary_iou.boundary_iou_from_counts(
+      region_counts)
+  stats["mba"], stats["mba_defined"] = boundary_iou.mba_from_counts(mba_hist, height, width)
   stats["bf_score"], stats["bf_counted"] = boundary_iou.boundary_f_stats(
-      label, pred, valid, num_classes, bf_tolerance)
-  stats["mba"], stats["mba_defined"] = boundary_iou.mba_stats(label, pred, valid,
-                                                               num_classes)
+      label, pred, valid, k, bf_tolerance)
   stats["unmapped_label"] = jnp.sum(~label_ok, axis=(-2, -1), dtype=jnp.int32)
   stats["unmapped_pred"] = jnp.sum(~pred_ok, axis=(-2, -1), dtype=jnp.int32)
   return stats
