@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF is only used for PNG/TensorBoard I/O
   from idgbr_jax import xla_flags  # pylint: disable=import-outside-toplevel
-  xla_flags.apply_defaults()  # before any command starts JAX
+  # Before any command starts JAX. Evaluation is image-parallel: one CPU device per core.
+  xla_flags.apply_defaults(extra=xla_flags.cpu_device_flags() if command == "evaluate" else ())
   module = importlib.import_module(COMMANDS[command][0])
   from absl import app  # pylint: disable=import-outside-toplevel
   app.run(module.main, argv=[f"idgbr {command}"] + argv[2:])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from idgbr_jax.metrics import evaluate
 from idgbr_jax.metrics import evaluate_dirs
 from idgbr_jax.metrics import evaluate_maps
 from idgbr_jax.metrics import format_report
@@ -138,6 +139,26 @@ def test_cli_on_directories(tmp_path):
   result = _run_cli(f"--pred_dir={pred_dir}", f"--label_dir={label_dir}", "--num_classes=5",
                     "--output=", "--noprogress")
   assert result.returncode != 0 and "tile_0.png" in result.stderr
+
+
+def test_evaluate_maps_over_several_devices_gives_the_same_report():
+  # Each batch split over devices (shard_map, one shard per device): the same numbers as one
+  # device, whatever the batch size (rounded up to whole shards) and the last batch's padding.
+  preds, labels, values = _dataset(13, 5, n=5)
+  devices = jax.local_devices()
+  assert len(devices) >= 2
+  one = evaluate_maps(preds, labels, 5, values, batch_size=2, devices=devices[:1])
+  for subset, batch_size in ((devices[:2], 3), (devices[:2], None), (devices, None)):
+    report = evaluate_maps(preds, labels, 5, values, batch_size=batch_size, devices=subset)
+    assert report.keys() == one.keys()
+    for key, value in report.items():
+      if isinstance(value, float):
+        assert value == pytest.approx(one[key], abs=1e-12), (key, len(subset), batch_size)
+      elif isinstance(value, list) and any(isinstance(v, float) for v in value):
+        np.testing.assert_allclose(value, one[key], rtol=0, atol=1e-12)  # per-class scores
+      else:
+        assert value == one[key], (key, len(subset), batch_size)
+  assert evaluate.default_batch_size(devices[:2]) == 2  # one map per CPU device
 
 
 def test_clu_metric_equals_evaluate_maps_across_devices():

@@ -41,3 +41,15 @@ def test_xla_accepts_the_flags_and_computes_the_same():
     assert out.returncode == 0, out.stderr[-2000:]
     results.append(float(out.stdout.strip().splitlines()[-1]))
   assert abs(results[0] - results[1]) < 1e-4 * abs(results[1])
+
+
+def test_cpu_device_flags_for_evaluation():
+  assert xla_flags.cpu_device_flags(3) == ("--xla_force_host_platform_device_count=3",)
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  assert xla_flags.cpu_device_flags() == (f"--xla_force_host_platform_device_count={cores}",)
+  env = {}
+  assert xla_flags.apply_defaults(env, extra=xla_flags.cpu_device_flags(4)).split() == [
+      "--xla_cpu_experimental_ynn_fusion_type=", "--xla_force_host_platform_device_count=4"]
+  # The user's device count wins.
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert "count=4" not in xla_flags.apply_defaults(env, extra=xla_flags.cpu_device_flags(4))

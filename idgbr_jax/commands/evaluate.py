@@ -22,7 +22,8 @@ flags.DEFINE_list("label_values", None,
                   "Raw map value of each class, e.g. 1,2,3,4,5 (Potsdam); default: value = class.")
 flags.DEFINE_integer("edge_size", 3, "Dilation size of the WF edge band (original: 3).")
 flags.DEFINE_string("output", "report.json", "Where to write the JSON report ('' to skip).")
-flags.DEFINE_integer("eval_batch_size", 8, "Maps per jitted evaluation call.")
+flags.DEFINE_integer("eval_batch_size", 0, "Maps per jitted evaluation call (0: one per CPU "
+                     "device, 8 per accelerator; rounded up to a multiple of the devices).")
 flags.DEFINE_float("bf_tolerance", 2.0, "Boundary F-score tolerance in pixels.")
 flags.DEFINE_bool("strict", False, "Fail if a map holds values outside --label_values.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -51,7 +52,8 @@ def main(argv):
   try:
     report = metrics.evaluate_dirs(
         FLAGS.pred_dir, FLAGS.label_dir, FLAGS.num_classes, label_values=label_values,
-        edge_size=FLAGS.edge_size, progress=FLAGS.progress, batch_size=FLAGS.eval_batch_size,
+        edge_size=FLAGS.edge_size, progress=FLAGS.progress,
+        batch_size=FLAGS.eval_batch_size or None,
         bf_tolerance=FLAGS.bf_tolerance, strict=FLAGS.strict, coarse_dir=FLAGS.coarse_dir,
         repair_class=FLAGS.repair_class, repair_k=FLAGS.repair_k)
   except ValueError as e:

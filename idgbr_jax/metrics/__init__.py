@@ -1,7 +1,8 @@
 """Evaluation suite: region metrics, the original's WF edge-band metric, boundary metrics.
 
 Public API (used by the CLI, training and other tools):
-  evaluate_maps(preds, labels, num_classes, label_values=None, edge_size=3, batch_size=8) -> dict
+  evaluate_maps(preds, labels, num_classes, label_values=None, edge_size=3, batch_size=None,
+                devices=None) -> dict
   evaluate_dirs(pred_dir, label_dir, num_classes, label_values=None, edge_size=3, progress=True)
   format_report(report) -> str
 All heavy computation is JAX (jit, batched); see `evaluate.py` for precision and shape handling.

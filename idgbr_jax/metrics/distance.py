@@ -264,7 +264,7 @@ def nearest_seed_bit(seeds: jax.Array, bit: jax.Array, distance_needed: jax.Arra
   # stop it).
   best = jax.lax.cond(
       jnp.any(any_seed), lambda _: _window_keys(seeds, bit, window, scale, key_dtype, inf),
-      lambda _: jnp.full(seeds.shape, inf, key_dtype), None)
+      lambda _: jnp.full_like(seeds, inf, dtype=key_dtype), None)
   settled = best < (window + 1) ** 2 * scale
   d2 = jnp.minimum(best // scale, 2**30).astype(jnp.int32)
   open_pixels = distance_needed & ~settled & any_seed
@@ -335,7 +335,7 @@ def _capped_distance_sq(seeds: jax.Array, needed: jax.Array, any_needed: jax.Arr
 
   # Offset 0 runs inside the loop too: the loop is then the only consumer of `f`, which XLA
   # materialises once instead of fusing the doubling steps into a second reader.
-  best = jnp.full(seeds.shape, _CAP * _CAP, jnp.int16)
+  best = jnp.full_like(seeds, _CAP * _CAP, dtype=jnp.int16)  # (full_like: varying under shard_map)
   # Trip counts outside the loops, and data dependent (see `_row_pass`).
   first = jnp.where(any_needed, 1, 0)
   best = jax.lax.fori_loop(0, first, offsets, best)  # offsets 0 .. _UNROLL - 1
