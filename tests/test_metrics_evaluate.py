@@ -159,6 +159,11 @@ def test_evaluate_maps_over_several_devices_gives_the_same_report():
       else:
         assert value == one[key], (key, len(subset), batch_size)
   assert evaluate.default_batch_size(devices[:2]) == 2  # one map per CPU device
+  # Inside a trainer's mesh context (other axes): evaluation keeps its own mesh.
+  trainer_mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 2), ("data", "fsdp"))
+  with jax.set_mesh(trainer_mesh):
+    inside = evaluate_maps(preds, labels, 5, values, devices=devices[:2])
+  assert inside["miou"] == one["miou"] and inside["wf_min"] == pytest.approx(one["wf_min"])
 
 
 def test_clu_metric_equals_evaluate_maps_across_devices():

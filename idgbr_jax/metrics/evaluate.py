@@ -16,6 +16,7 @@ float32 (counts stay exact integers; WF agrees to ~1e-5).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -175,11 +176,12 @@ def _jitted_statistics(num_classes, label_values, edge_size, bf_tolerance, dilat
                          edge_size=edge_size, bf_tolerance=bf_tolerance,
                          dilation_ratio=dilation_ratio)
   if devices is None or len(devices) == 1:
-    return jax.jit(fn)
+    return jax.jit(fn), None
   mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
   spec = jax.sharding.PartitionSpec("batch")
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec),
-                 in_shardings=jax.sharding.NamedSharding(mesh, spec))
+  sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec),
+                    in_shardings=jax.sharding.NamedSharding(mesh, spec))
+  return sharded, mesh
 
 
 def default_batch_size(devices: Sequence[jax.Device]) -> int:
@@ -242,8 +244,8 @@ class _Accumulator:
     # Whole shards only: the batch is a multiple of the device count (padding fills it).
     self.batch_size = -(-max(1, int(batch_size)) // len(devices)) * len(devices)
     self.bf_tolerance = float(bf_tolerance)
-    self.fn = _jitted_statistics(num_classes, self.label_values, self.edge_size,
-                                 self.bf_tolerance, float(dilation_ratio), devices)
+    self.fn, self.mesh = _jitted_statistics(num_classes, self.label_values, self.edge_size,
+                                            self.bf_tolerance, float(dilation_ratio), devices)
     self.totals = empty_totals(num_classes)
     self.repair_totals = np.zeros((2, 2), np.int64)  # (inter, union) x (RTm, RFm)
     self.repair_images = {"complete": 0, "partial": 0, "error": 0, "undefined": 0}
@@ -276,7 +278,10 @@ class _Accumulator:
     pad = [items[0]] * (self.batch_size - n)
     preds = np.stack([item[1] for item in items + pad])
     labels = np.stack([item[2] for item in items + pad])
-    with jax.enable_x64(True):
+    # Our own mesh, whatever mesh the caller (a trainer) has set: shard_map requires it.
+    mesh_context = (jax.set_mesh(self.mesh) if self.mesh is not None
+                    else contextlib.nullcontext())
+    with jax.enable_x64(True), mesh_context:
       stats = jax.device_get(self.fn(preds, labels))
     if self.repair_class is not None:
       coarse = np.stack([item[3] for item in items + pad])
