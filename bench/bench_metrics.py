@@ -211,7 +211,7 @@ def main():
   print(f"\n{n} {args.maps} maps {args.size}x{args.size}, {k} classes, "
         f"JAX backend: {device.platform} ({device.device_kind}) x {n_dev}, x64 scoped, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-        f"cores usable: {len(os.sched_getaffinity(0))}, load average (1 min) before / after: "
+        f"cores usable: {xla_flags.usable_cores()}, load average (1 min) before / after: "
         f"{load_before[0]:.2f} / {load_after[0]:.2f}\n")
   print("| implementation | what | images/s | speed-up |")
   print("|---|---|---:|---:|")
@@ -222,7 +222,7 @@ def main():
         f"{rate['all']:.1f} | {rate['all'] / ref_core:.1f}x |")
   print(f"| numpy/scipy/OpenCV reference | all metrics (+ BIoU, BF, mBA) | {ref_all:.1f} | "
         f"1.0x |")
-  print(f"| JAX `evaluate_maps` (as `idgbr evaluate`) | all metrics, host I/O | "
+  print(f"| JAX `evaluate_maps` (as `idgbr evaluate`) | all metrics, host batching | "
         f"{n / t['full']:.1f} | {(t['ref_core'] + t['ref_boundary']) / t['full']:.1f}x |")
 
 

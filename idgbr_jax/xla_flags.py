@@ -25,12 +25,24 @@ from typing import MutableMapping
 DEFAULT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 
 
-def cpu_device_flags(count: int | None = None) -> tuple[str, ...]:
-  """The flag that splits the host into `count` CPU devices (default: one per core this process
-  may run on)."""
-  if count is None:
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def usable_cores() -> int:
+  """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
+  container limited to 2 CPUs on a 64-core host gets 2)."""
+  count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   count = count or 1
+  try:
+    with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+      quota, period = f.read().split()[:2]
+    if quota != "max":
+      count = min(count, max(1, -(-int(quota) // int(period))))
+  except (OSError, ValueError):
+    pass
+  return count
+
+
+def cpu_device_flags(count: int | None = None) -> tuple[str, ...]:
+  """The flag that splits the host into `count` CPU devices (default: `usable_cores()`)."""
+  count = usable_cores() if count is None else count
   return (f"--xla_force_host_platform_device_count={max(1, int(count))}",)
 
 

@@ -166,6 +166,48 @@ def test_evaluate_maps_over_several_devices_gives_the_same_report():
   assert inside["miou"] == one["miou"] and inside["wf_min"] == pytest.approx(one["wf_min"])
 
 
+def test_joint_histograms_equal_separate_histograms(monkeypatch):
+  # Confusion + boundary IoU + mBA share one scatter, both BF sides another, while the joint
+  # code space is small; past _MAX_JOINT_BINS each gets its own. Both routes, same counts.
+  from idgbr_jax.metrics import boundary_iou  # pylint: disable=g-import-not-at-top
+  preds, labels, values = _dataset(17, 5, n=3)
+  p, l = np.stack(preds).astype(np.int32), np.stack(labels).astype(np.int32)
+  with jax.enable_x64(True):
+    joint = jax.device_get(evaluate.batch_statistics(p, l, 5, tuple(values)))
+    monkeypatch.setattr(evaluate, "_MAX_JOINT_BINS", 0)
+    monkeypatch.setattr(boundary_iou, "_MAX_JOINT_BINS", 0)
+    split = jax.device_get(evaluate.batch_statistics(p, l, 5, tuple(values)))
+  assert joint.keys() == split.keys()
+  for key in joint:
+    np.testing.assert_array_equal(joint[key], split[key], err_msg=key)
+  assert joint["confusion"].sum() > 0 and joint["biou_union"].sum() > 0
+
+
+def test_shards_taking_different_transform_routes():
+  # Two devices, and images whose band false positives need different routes of the WF
+  # transform: ~190 px away (past the int16 cap: keyed full transform), ~30 px (capped int16
+  # transform), none far (windowed only). Each shard decides for itself; same numbers as one
+  # device and as the numpy reference.
+  shape = (40, 300)
+  labels, preds = [], []
+  for far in (190, 30, None):
+    label = np.zeros(shape, np.uint8)
+    label[5:30, 5:40] = 1
+    pred = label.copy()
+    pred[5:30, 38:44] = 1
+    if far is not None:
+      pred[12:20, 40 + far:48 + far] = 1
+    labels.append(label)
+    preds.append(pred)
+  devices = jax.local_devices()[:2]
+  one = evaluate_maps(preds, labels, 2, [0, 1], devices=devices[:1])
+  two = evaluate_maps(preds, labels, 2, [0, 1], devices=devices)
+  ref = ref_wf(preds, labels)
+  for report in (one, two):
+    assert abs(report["wf_min"] - ref["wf_min"]) < 1e-12
+    assert abs(report["wf_mean"] - ref["wf_mean"]) < 1e-12
+
+
 def test_clu_metric_equals_evaluate_maps_across_devices():
   preds, labels, values = _dataset(11, 5, n=8)
   expected = evaluate_maps(preds, labels, 5, values, batch_size=8)

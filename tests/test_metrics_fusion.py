@@ -18,6 +18,12 @@ def test_materialize_keeps_values_dtypes_and_structure():
   # Values that would make a naive predicate false (NaN, negative zero) pass unchanged too.
   odd = jnp.array([jnp.nan, -0.0, 1.0])
   np.testing.assert_array_equal(np.asarray(jax.jit(fusion.materialize)(odd)), np.asarray(odd))
+  for x in (jnp.array([jnp.nan + 1j, 2 + 3j], jnp.complex64),
+            jnp.array([jnp.nan, 1.0], jnp.bfloat16), jnp.array([jnp.nan, 1.0], jnp.float16)):
+    got = jax.jit(fusion.materialize)(x)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.complex64)),
+                                  np.asarray(x.astype(jnp.complex64)))
 
 
 def test_materialize_survives_compilation_on_cpu():
@@ -27,8 +33,9 @@ def test_materialize_survives_compilation_on_cpu():
     y = fusion.materialize(x * 3 + 1)
     return y * 2 + y.sum()
 
-  text = jax.jit(fn).lower(jnp.ones((8, 8), jnp.int32)).compile().as_text()
-  assert "conditional(" in text
+  for dtype in (jnp.int32, jnp.float32, jnp.bfloat16, jnp.bool_):
+    text = jax.jit(fn).lower(jnp.ones((8, 8), dtype)).compile().as_text()
+    assert "conditional(" in text, dtype
   np.testing.assert_array_equal(np.asarray(jax.jit(fn)(jnp.ones((2, 2), jnp.int32))),
                                 np.full((2, 2), 8 + 16))
 

@@ -23,8 +23,10 @@ This module computes exactly that, in integers:
    suits GPU / TPU (and vmap / jit).
 
 `nearest_seed_bit` is the same transform for a caller that needs less: one bit of the nearest seed
-(carried inside the keys of both passes, so no gather) and the distance only at some pixels. Its
-row pass stops when those pixels are settled instead of the farthest pixel of the map; the
+near the seeds (carried inside the keys, so no gather) and the distance only at some pixels. A
+windowed transform settles every pixel within a few pixels of a seed; needed pixels beyond it get
+their distance from a capped int16 transform, or from the keyed full transform past its cap, whose
+row pass stops when those pixels are settled instead of at the farthest pixel of the map. The
 weighted F of binary maps needs exactly that (see `wfmeasure`).
 
 All shapes are static; the loop bound is data dependent (a `lax.while_loop`).
@@ -209,17 +211,20 @@ def nearest_seed_bit(seeds: jax.Array, bit: jax.Array, distance_needed: jax.Arra
                      exact_sq: int, window: int = 8, any_seed: jax.Array | None = None):
   """`bit` at each pixel's nearest seed (scipy's choice), and squared distances where needed.
 
-  Equal to `d2, r, c = feature_transform(seeds); bit[r, c]` on the pixels the caller names, for
-  less work: the bit travels inside the keys (no gather), and when every pixel the caller needs
-  lies within `window` pixels of a seed, a windowed transform (a few dozen shifted reads, no
-  whole-column scans) settles them all. Otherwise the full transform runs (`lax.cond`), stopping
-  once the needed pixels are settled rather than at the map's farthest pixel.
+  Equal to `d2, r, c = feature_transform(seeds); bit[r, c]` where the caller needs it, for less
+  work. A windowed transform (a few dozen shifted reads, no whole-column scans; the bit travels
+  inside its keys, no gather) settles every pixel less than `window + 1` pixels from a seed, bit
+  and distance. Needed pixels it leaves open get their distance only (`lax.cond`): from
+  `_capped_distance_sq` (int16) when all of them lie within `_CAP` pixels, else from the keyed
+  full transform, which stops once they are settled rather than at the map's farthest pixel.
 
   Args:
     seeds: bool [..., H, W].
     bit: bool [..., H, W], the value to carry from the nearest seed.
     distance_needed: bool [..., H, W], pixels whose d2 must be exact.
-    exact_sq: the bit and d2 are also exact at every pixel whose squared distance is at most this.
+    exact_sq: the bit and d2 are exact at every pixel whose squared distance is at most this (the
+      window is raised to cover it). With `window` > 0 that is where the bit is exact; with
+      `window` 0 the bit is exact at the needed pixels too.
     window: radius of the windowed fast path (static; raised to sqrt(exact_sq)), or 0 to run
       the full transform directly (when the needed pixels are known to lie far from the seeds).
     any_seed: optional bool [..., 1, 1], whether each map holds a seed, when the caller knows
@@ -242,7 +247,7 @@ def nearest_seed_bit(seeds: jax.Array, bit: jax.Array, distance_needed: jax.Arra
     window = min(max(int(window), int(np.ceil(np.sqrt(exact_sq)))), width)
   if any_seed is None:
     any_seed = jnp.any(seeds, axis=(-2, -1), keepdims=True)
-  any_seed = jnp.asarray(any_seed, bool)
+  any_seed = jnp.broadcast_to(jnp.asarray(any_seed, bool), seeds.shape[:-2] + (1, 1))
 
   def full_keys(_):
     nearest, vertical, has_seed = _column_pass(seeds, bit)
@@ -289,6 +294,7 @@ def nearest_seed_bit(seeds: jax.Array, bit: jax.Array, distance_needed: jax.Arra
 # Distances below this many pixels take the int16 transform (`_capped_distance_sq`); its row pass
 # adds squared offsets below _CAP^2 to squared distances up to _CAP^2, within int16.
 _CAP = 120
+assert 2 * _CAP * _CAP < 2**15, "int16 headroom of _capped_distance_sq"
 
 
 def _capped_distance_sq(seeds: jax.Array, needed: jax.Array, any_needed: jax.Array) -> jax.Array:
@@ -312,7 +318,8 @@ def _capped_distance_sq(seeds: jax.Array, needed: jax.Array, any_needed: jax.Arr
   while sum(steps) < _CAP - 1:
     steps.append(1 << len(steps))
   margin = sum(steps)  # rows consumed by the doubling steps
-  pad = _CAP + _UNROLL
+  pad = _CAP + _UNROLL  # > the largest offset the row pass reads, _UNROLL * (1 + (_CAP-1) // 8) - 1
+  assert pad > _UNROLL * (1 + (_CAP - 1) // _UNROLL) - 1
   init = jnp.pad(jnp.where(seeds, jnp.int16(0), jnp.int16(_CAP)),
                  lead + [(margin, margin), (pad, pad)], constant_values=_CAP)
   up = init[..., :height + margin, :]  # rows -margin .. H-1

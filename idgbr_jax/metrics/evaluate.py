@@ -239,6 +239,8 @@ class _Accumulator:
     self.label_values = None if label_values is None else tuple(int(v) for v in label_values)
     self.edge_size = int(edge_size)
     devices = tuple(jax.local_devices() if devices is None else devices)
+    if not devices:
+      raise ValueError("devices: need at least one device to evaluate on")
     if batch_size is None:
       batch_size = default_batch_size(devices)
     # Whole shards only: the batch is a multiple of the device count (padding fills it).

@@ -19,11 +19,12 @@ def _through_conditional(leaves):
   if not sized:
     return list(leaves)
   # An always-true predicate the compiler does not fold: a float compared with itself (XLA folds
-  # x == x only for integers). The float comes from the bits of a real element, read as an
-  # unsigned integer, so it is never NaN. The false branch never runs.
+  # x == x only for integers). The float is never NaN: for inexact dtypes it is whether the first
+  # element (its real part) is NaN, 0 or 1; otherwise the element itself. The false branch
+  # never runs.
   first = sized[0].reshape(-1)[0]
-  if jnp.issubdtype(first.dtype, jnp.floating):
-    first = jax.lax.bitcast_convert_type(first, jnp.dtype(f"uint{first.dtype.itemsize * 8}"))
+  if jnp.issubdtype(first.dtype, jnp.inexact):
+    first = jnp.isnan(jnp.real(first))
   probe = first.astype(jnp.float32)
   always = probe == probe
   return jax.lax.cond(always, lambda xs: list(xs),
