@@ -215,10 +215,13 @@ def mba_stats(label, pred, valid, num_classes: int | None = None):
   else:
     label = jnp.asarray(label).astype(jnp.int32)
     pred = jnp.asarray(pred).astype(jnp.int32)
-  code = _mba_code(label, pred)
-  unique = sorted(set(mba_radii(height, width)))
-  hist = boundary.histogram(code, 2 ** (len(unique) + 1))
+  hist = boundary.histogram(_mba_code(label, pred), mba_bins(height, width))
   return mba_from_counts(hist, height, width)
+
+
+def mba_bins(height: int, width: int) -> int:
+  """Number of distinct `mba_codes` for an image of this size: 2^(distinct radii + 1)."""
+  return 2 ** (len(set(mba_radii(height, width))) + 1)
 
 
 def mba_codes(label, pred, num_classes: int):

@@ -84,7 +84,7 @@ def batch_statistics(pred_raw: jax.Array, label_raw: jax.Array, num_classes: int
   biou_code = boundary_iou.boundary_iou_codes(label, pred, valid, k, dilation_ratio)
   biou_code = jnp.where(biou_code < 0, 4 * k * k, biou_code)
   mba_code = boundary_iou.mba_codes(label, pred, k)
-  mba_bins = 2 ** (len(set(boundary_iou.mba_radii(height, width))) + 1)
+  mba_bins = boundary_iou.mba_bins(height, width)
   if (4 * k * k + 1) * mba_bins <= _MAX_JOINT_BINS:
     hist = boundary.histogram(biou_code * mba_bins + mba_code, (4 * k * k + 1) * mba_bins)
     hist = hist.reshape(hist.shape[:-1] + (4 * k * k + 1, mba_bins))
