@@ -1,6 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv if missing
-# (pinned by constraints.txt) and are idempotent: the install re-runs only when setup.cfg or
-# constraints.txt change.
+# (pinned by constraints.txt) and are idempotent: the install re-runs only when setup.cfg,
+# setup.py or constraints.txt change. `make test-fast`: the edit loop (tests not marked slow).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,28 +11,40 @@ PYTEST_WORKERS ?= 2
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test test-fast install install-test install-tpu install-cuda bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.stamp-base: setup.cfg pyproject.toml constraints.txt | $(PY)
+$(VENV)/.stamp-base: setup.cfg setup.py pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.stamp-test: setup.cfg pyproject.toml constraints.txt $(VENV)/.stamp-base
+$(VENV)/.stamp-test: setup.cfg setup.py pyproject.toml constraints.txt $(VENV)/.stamp-base
 	$(PIP) install -q -c constraints.txt -e '.[test,torch]'
 	touch $@
 
 install: $(VENV)/.stamp-base
 install-test: $(VENV)/.stamp-test
+# Accelerator hosts: the same pins plus jax's TPU / CUDA 12 build (see launch/ for pods).
+install-tpu: $(VENV)/.stamp-base
+	$(PIP) install -q -c constraints.txt -e '.[tpu]'
+install-cuda: $(VENV)/.stamp-base
+	$(PIP) install -q -c constraints.txt -e '.[cuda12]'
 
 demo: $(VENV)/.stamp-base
 	$(VENV)/bin/idgbr demo --workdir=$(DEMO_WORKDIR)
 
+# Two runs: everything else in parallel, then the multi-process jobs alone (their processes must
+# reach each collective within gloo's connect timeout, which a loaded 2-core box can exceed).
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=12 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not multiprocess" --durations=12 tests
+	$(PY) -m pytest -q -m multiprocess --durations=5 tests
+
+# The edit loop: the suite without the tests marked `slow` (CI runs `make test`, all of them).
+test-fast: $(VENV)/.stamp-test
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" --durations=12 tests
 
 bench: $(VENV)/.stamp-test
 	$(PY) bench/bench_metrics.py

@@ -45,13 +45,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import demo as demo_config  # noqa: E402
-from idgbr_jax.convert import torch_guidance  # noqa: E402
+from idgbr_configs import demo as demo_config  # noqa: E402
+from idgbr_jax.assembly import stage2 as assembly  # noqa: E402
 from idgbr_jax.data import pipeline  # noqa: E402
 from idgbr_jax.inference import refine as refine_lib  # noqa: E402
 from idgbr_jax.models import autoencoder, guidance, label_embedding, refiner  # noqa: E402
 from idgbr_jax.parallel import sharding  # noqa: E402
 from idgbr_jax.train import common, optim, stage2  # noqa: E402
+
+# The torch `DformerBlock` reference is test code (tests/torch_reference.py, shared with the
+# parity tests), not part of the package: put tests/ on sys.path as pytest does.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+import torch_reference as torch_guidance  # noqa: E402
 
 NUM_CLASSES = 6
 
@@ -76,8 +82,8 @@ def bench_config(args):
 
 
 def refiner_config(config):
-  """`stage2.refiner_config` with the demo's small autoencoder (the demo loads it from disk)."""
-  rc = stage2.refiner_config(config, NUM_CLASSES)
+  """`assembly.refiner_config` with the demo's small autoencoder (the demo loads it from disk)."""
+  rc = assembly.refiner_config(config, NUM_CLASSES)
   ae = autoencoder.get_config("small", block_out_channels=(16, 32, 64),
                               sample_posterior=config.diffusion.sample_posterior)
   den = rc.denoiser
@@ -109,19 +115,18 @@ def _median_time(fn, n):
 
 # ----- JAX ----------------------------------------------------------------------------------------
 def bench_jax(config, rc, batch_np, args):
-  mesh = sharding.make_mesh(config.mesh_shape.to_dict())
+  mesh = sharding.mesh_from_config(config)
   rules = tuple(config.sharding_rules)
   ref = refiner.Refiner(rc)
   tx, lr = optim.make_optimizer(config.optim, config.num_train_steps)
   state, state_sh = stage2.init_state(ref, tx, config, mesh, rules)
-  frozen, f_sh = stage2.init_frozen(ref, config, state["params"]["unet"],
-                                    state_sh["params"]["unet"], mesh, rules)
+  frozen, f_sh = stage2.init_frozen(ref, config, state, state_sh, mesh, rules)
   counts = {"unet": common.count_params(state["params"]["unet"]),
             "vae": common.count_params(frozen["vae"]),
             "guidance": common.count_params(state["params"]["guidance"]),
             "label_embed": common.count_params(frozen["label_embed"])}
   repl = sharding.replicated(mesh)
-  train_step = stage2.make_train_step(ref, tx, lr, stage2.make_schedule(config), config)
+  train_step = stage2.make_train_step(ref, tx, lr, assembly.make_schedule(config), config)
 
   def jit_step(cached_keys=()):
     return jax.jit(train_step, in_shardings=(state_sh, f_sh,

@@ -1,6 +1,6 @@
 r"""Stage I (discriminative segmenter) on CHN6-CUG road extraction (binary, 512x512 tiles).
 
-  python -m datasets.chn6_cug --manual_dir=DIR --data_dir=$TFDS_DATA_DIR
+  python -m idgbr_datasets.chn6_cug --manual_dir=DIR --data_dir=$TFDS_DATA_DIR
   idgbr train --config=configs/chn6_cug_stage1.py:segformer --workdir=/tmp/chn6_cug_s1 \
       --config.data.data_dir=$TFDS_DATA_DIR
   idgbr predict --workdir=/tmp/chn6_cug_s1 --num_folds=4   # coarse maps for Stage II
@@ -10,7 +10,7 @@ The arg starts with the backbone (unet | deeplabv3plus | segformer), then option
 smoke-test size: tiny model, examples resized to 64). The training schedule is a starting point:
 the paper's Stage I recipe is not released.
 """
-from configs import real_data
+from idgbr_configs import real_data
 
 DATASET = "chn6_cug"
 

@@ -9,7 +9,7 @@ coarse vs refined. `runlocal` is a smoke-test size.
 """
 import ml_collections
 
-from configs import common, stage1_synthetic, stage2_synthetic
+from idgbr_configs import common, stage1_synthetic, stage2_synthetic
 
 
 def get_config(arg=None):
@@ -32,7 +32,7 @@ def get_config(arg=None):
   s1.optim.learning_rate = 3e-3
   s1.optim.warmup_steps = 30
   s1.log_every_steps = 50
-  s1.eval_every_steps = 0
+  s1.eval_every_steps = -1  # the demo evaluates the coarse maps itself
   s1.checkpoint_every_steps = 150
 
   config.label_embed = ml_collections.ConfigDict(dict(
@@ -76,6 +76,7 @@ def get_config(arg=None):
   s2.log_every_steps = 100
   s2.checkpoint_every_steps = 600
   s2.eval_batch_size = 32
+  s2.eval_every_steps = -1  # the demo refines and evaluates the test split itself
 
   if arg.runlocal:
     config.num_folds = 0

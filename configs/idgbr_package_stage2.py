@@ -1,6 +1,6 @@
 r"""Stage II on the original IDGBR data package (its SegFormer coarse maps are stored in it).
 
-  python -m datasets.idgbr_package --manual_dir=examples/Potsdam --config=potsdam \
+  python -m idgbr_datasets.idgbr_package --manual_dir=examples/Potsdam --config=potsdam \
       --data_dir=$TFDS_DATA_DIR
   idgbr train --config=configs/idgbr_package_stage2.py:dataset=potsdam --workdir=/tmp/pkg_s2 \
       --config.data.data_dir=$TFDS_DATA_DIR --config.init.autoencoder=AE_DIR ...
@@ -11,7 +11,7 @@ replaces the stored maps). As the original's loader, every example is resized to
 (`data.resize`). Ablations: full | no_rough | no_align | cubic | no_cubic. `:runlocal` is a CPU
 smoke-test size (tiny networks, examples resized to 32).
 """
-from configs import common, real_data, stage2_synthetic
+from idgbr_configs import common, real_data, stage2_synthetic
 from idgbr_jax.data import sources
 
 PACKAGE_DATASETS = {"chn6_cug": (2, (0, 1)), "potsdam": (6, (1, 2, 3, 4, 5))}

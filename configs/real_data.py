@@ -5,7 +5,7 @@ docstring) and delegates here, so the five datasets cannot drift apart.
 """
 import ml_collections
 
-from configs import common, stage1_synthetic, stage2_synthetic
+from idgbr_configs import common, stage1_synthetic, stage2_synthetic
 from idgbr_jax.data import sources
 from idgbr_jax.models import backbones
 

@@ -9,7 +9,7 @@ segformer: tiny/b0..b5).
 """
 import ml_collections
 
-from configs import common
+from idgbr_configs import common
 
 
 def get_config(arg=None):
@@ -48,6 +48,7 @@ def get_config(arg=None):
   config.loss.dice_weight = 0.0
 
   config.optim = ml_collections.ConfigDict()
+  config.optim.optimizer = "adamw"  # adamw | sgd (b1, b2, weight_decay are AdamW's)
   config.optim.learning_rate = 1e-3
   config.optim.weight_decay = 1e-4
   config.optim.b1 = 0.9
@@ -59,12 +60,17 @@ def get_config(arg=None):
   config.batch_size = 16                  # global batch
   config.num_train_steps = 3000
   config.log_every_steps = 50
-  config.eval_every_steps = 1000
+  config.eval_every_steps = 1000  # N: every N steps and at the end; 0: at the end; -1: never
   config.checkpoint_every_steps = 500
+  # TensorBoard event files ("": the workdir). Checkpoints always go to <workdir>/checkpoints.
+  config.summary_dir = ""
   config.max_checkpoints_to_keep = 2
   config.eval_batch_size = 16
 
   config.mesh_shape = common.mesh_config(data=-1)
+  # Multi-slice: slices per axis over the data-centre network (granules: TPU slices, else
+  # processes), e.g. --config.dcn_mesh_shape.data=2; mesh_shape is then per slice.
+  config.dcn_mesh_shape = common.mesh_config(data=1)
   config.sharding_rules = common.sharding_rules()
 
   if arg.runlocal:

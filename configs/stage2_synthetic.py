@@ -11,7 +11,7 @@ Ours, as flags: --config.model.guidance_init_mode=paper, --config.diffusion.guid
 """
 import ml_collections
 
-from configs import common
+from idgbr_configs import common
 
 ABLATIONS = ("full", "no_rough", "no_align", "cubic", "no_cubic")
 
@@ -88,6 +88,7 @@ def get_config(arg=None):
   config.repa.projector_hidden = 2048
 
   config.optim = ml_collections.ConfigDict()
+  config.optim.optimizer = "adamw"  # adamw | sgd (b1, b2, weight_decay are AdamW's)
   config.optim.learning_rate = 1e-5
   config.optim.weight_decay = 1e-2
   config.optim.b1 = 0.9
@@ -102,13 +103,18 @@ def get_config(arg=None):
   config.latent_cache = False
   config.num_train_steps = 80000
   config.log_every_steps = 100
-  config.eval_every_steps = 0              # 0: evaluate (refine the eval split) only at the end
+  config.eval_every_steps = 0              # N: every N steps and the end; 0: the end; -1: never
   config.eval_max_examples = 0             # 0: the whole split
   config.checkpoint_every_steps = 5000
+  # TensorBoard event files ("": the workdir). Checkpoints always go to <workdir>/checkpoints.
+  config.summary_dir = ""
   config.max_checkpoints_to_keep = 2
   config.eval_batch_size = 8
 
   config.mesh_shape = common.mesh_config(data=-1)
+  # Multi-slice: slices per axis over the data-centre network (granules: TPU slices, else
+  # processes), e.g. --config.dcn_mesh_shape.data=2; mesh_shape is then per slice.
+  config.dcn_mesh_shape = common.mesh_config(data=1)
   config.sharding_rules = common.sharding_rules()
 
   if arg.runlocal:

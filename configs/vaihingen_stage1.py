@@ -1,7 +1,7 @@
 r"""Stage I (discriminative segmenter) on ISPRS Vaihingen (6 classes, IRRG 512x512 patches,
 scored on label values 1..5).
 
-  python -m datasets.isprs vaihingen --manual_dir=DIR --data_dir=$TFDS_DATA_DIR
+  python -m idgbr_datasets.isprs vaihingen --manual_dir=DIR --data_dir=$TFDS_DATA_DIR
   idgbr train --config=configs/vaihingen_stage1.py:segformer --workdir=/tmp/vaihingen_s1 \
       --config.data.data_dir=$TFDS_DATA_DIR
   idgbr predict --workdir=/tmp/vaihingen_s1 --num_folds=4   # coarse maps for Stage II
@@ -11,7 +11,7 @@ The arg starts with the backbone (unet | deeplabv3plus | segformer), then option
 smoke-test size: tiny model, examples resized to 64). The training schedule is a starting point:
 the paper's Stage I recipe is not released.
 """
-from configs import real_data
+from idgbr_configs import real_data
 
 DATASET = "vaihingen"
 

@@ -12,7 +12,7 @@ the original's (SD-1.5 denoiser, CG width 512 / 8 heads, DINOv2-g teacher, 77-to
 512x512). Ablations as the original's configs: full | no_rough | no_align | cubic | no_cubic.
 `:runlocal` is a CPU smoke-test size (tiny networks, examples resized to 32).
 """
-from configs import real_data
+from idgbr_configs import real_data
 
 DATASET = "vaihingen"
 

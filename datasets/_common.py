@@ -11,22 +11,29 @@ segmenter as `<coarse_dir>/<split>/<id>.png` attach by name. Bad manual_dir cont
 folder, unmatched image/label, unknown value or colour, size mismatch, unreadable file) raises
 `ManualDataError` naming the file.
 
-Build from the shell with `python -m datasets.<package> --manual_dir=... --data_dir=...`
-(see `main`), or from Python with `build(...)`.
+Build from the shell with `python -m idgbr_datasets.<package> --manual_dir=... --data_dir=...`
+(see `main`), or from Python with `build(...)`. Both folders may be local or URLs that
+`etils.epath` handles (`gs://...`): files are read through `idgbr_jax.paths`, and a remote
+`data_dir` is built in a local temporary folder and then uploaded (TFDS' ArrayRecord writer
+only writes local files; see `prepare`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import inspect
+import io
 import os
-from typing import Iterable, Sequence
+import tempfile
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 from tensorflow_datasets.core import utils as tfds_utils
+
+from idgbr_jax import paths
 
 IGNORE = 255
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -41,16 +48,26 @@ class ManualDataError(ValueError):
 # Files.
 
 
+def join(path: str | os.PathLike, *parts: str) -> str:
+  """`path/parts...` as a string: a URL stays a URL, a local path stays as given (not made
+  absolute, so messages name what the user passed)."""
+  return os.fspath(epath.Path(os.fspath(path)).joinpath(*parts))
+
+
+def is_file(path: str) -> bool:
+  return paths.resolve(path).is_file()
+
+
 def require_dir(path: str, what: str) -> str:
   """`path` if it is a directory, else a ManualDataError saying what was expected there."""
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise ManualDataError(f"missing folder {path} ({what})")
   return path
 
 
 def list_images(folder: str, exts: Sequence[str] = IMAGE_EXTS) -> list[str]:
   """Sorted file names in `folder` with one of `exts` (case-insensitive); hidden files skipped."""
-  return sorted(f for f in os.listdir(folder)
+  return sorted(f for f in paths.listdir(folder)
                 if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts)
 
 
@@ -77,12 +94,12 @@ def pair_files(image_dir: str, label_dir: str, *, image_suffix: str = "",
       stem = os.path.splitext(name)[0]
       key = _strip(stem, suffix)
       if key is None:
-        raise ManualDataError(f"{kind} file {os.path.join(folder, name)} does not end in "
+        raise ManualDataError(f"{kind} file {join(folder, name)} does not end in "
                               f"'{suffix}' + extension")
       if key in out:
         raise ManualDataError(f"two {kind} files for '{key}': {out[key]} and "
-                              f"{os.path.join(folder, name)}")
-      out[key] = os.path.join(folder, name)
+                              f"{join(folder, name)}")
+      out[key] = join(folder, name)
     return out
 
   images = index(image_dir, image_suffix, "image")
@@ -95,30 +112,30 @@ def pair_files(image_dir: str, label_dir: str, *, image_suffix: str = "",
                           f"{image_dir}")
   if not images:
     raise ManualDataError(f"no images ({', '.join(exts)}) in {image_dir}")
-  return [(os.path.splitext(os.path.basename(images[k]))[0], images[k], labels[k])
-          for k in sorted(images)]
+  return [(epath.Path(images[k]).stem, images[k], labels[k]) for k in sorted(images)]
 
 
 def read_array(path: str) -> np.ndarray:
   """The pixel array of an image file (PNG/JPEG/TIFF...), uint8 only; errors name the file.
 
   TIFFs go through `tifffile` when it is installed (it reads 4-band RGBIR and very large tiles
-  that PIL may reject), else PIL.
+  that PIL may reject), else PIL. `path` is local or a URL (the file is read whole, then decoded).
   """
-  if not os.path.isfile(path):
+  if not is_file(path):
     raise ManualDataError(f"missing file {path}")
   try:
-    if os.path.splitext(path)[1].lower() in TIFF_EXTS:
+    data = paths.read_bytes(path)
+    if epath.Path(path).suffix.lower() in TIFF_EXTS:
       try:
         import tifffile  # pylint: disable=import-outside-toplevel
       except ImportError:
         tifffile = None
       if tifffile is not None:
-        array = np.asarray(tifffile.imread(path))
+        array = np.asarray(tifffile.imread(io.BytesIO(data)))
         if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
           array = np.moveaxis(array, 0, -1)  # planar (C,H,W) storage
         return _check_uint8(array, path)
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(data)) as im:
       if im.mode == "P":  # palette PNGs: the colours are the labels
         im = im.convert("RGB")
       elif im.mode in ("I;16", "I", "F"):
@@ -331,14 +348,43 @@ def build(builder_cls, manual_dir: str, data_dir: str, config: str | tfds.core.B
     base = (builder_cls.builder_configs[config] if isinstance(config, str) else config) or \
         builder_cls.builder_configs[builder_cls.DEFAULT_BUILDER_CONFIG_NAME]
     config = builder_cls.make_config(**config_overrides(type(base), base, **params))
-  builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+  return prepare(lambda d: builder_cls(config=config, data_dir=d, file_format="array_record"),
+                 data_dir, download_config)
+
+
+def prepare(make_builder: Callable[[str], tfds.core.DatasetBuilder], data_dir: str,
+            download_config: tfds.download.DownloadConfig | None = None
+            ) -> tfds.core.DatasetBuilder:
+  """`make_builder(data_dir)`, prepared (a no-op when its files are there already).
+
+  A URL `data_dir` (`gs://...`): TFDS' ArrayRecord writer only writes local files, so when the
+  dataset is not prepared there yet it is built into a local temporary folder and its version
+  folder (`<name>/<config>/<version>/`) is uploaded to the same place under `data_dir`; the
+  returned builder reads from `data_dir`. `dataset_info.json`, which marks a prepared dataset
+  for TFDS, is uploaded last. (Hosts that find it unprepared at the same time each build and
+  upload it; build a large dataset once, on one host, before a multi-host run.)
+  """
+  builder = make_builder(data_dir)
+  if not paths.is_url(data_dir) or builder.is_prepared():
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+  with tempfile.TemporaryDirectory(prefix="idgbr_tfds_") as tmp:
+    local = make_builder(tmp)
+    local.download_and_prepare(download_config=download_config)
+    local_dir = epath.Path(local.data_dir)
+    remote_dir = paths.resolve(data_dir) / local_dir.relative_to(tmp)
+    files = sorted(paths.list_files(local_dir),
+                   key=lambda p: (p.name == "dataset_info.json", os.fspath(p)))
+    for path in files:
+      paths.write_bytes(remote_dir / path.relative_to(local_dir), path.read_bytes())
+  builder = make_builder(data_dir)
+  builder.download_and_prepare(download_config=download_config)  # finds it prepared
   return builder
 
 
 def main(builder_cls, argv: Iterable[str] | None = None) -> tfds.core.DatasetBuilder:
-  """Shell entry point shared by `python -m datasets.<package>`."""
+  """Shell entry point shared by `python -m idgbr_datasets.<package>`."""
   parser = argparse.ArgumentParser(
       prog=f"python -m {builder_cls.__module__.rsplit('.', 1)[0]}",
       description=f"Build the {builder_cls.name} TFDS dataset (ArrayRecord) from manual_dir.",
@@ -437,10 +483,10 @@ class PairedFolderBuilder(ManualBuilder, skip_registration=True):
   def split_folder(self, root: str, split: str) -> str | None:
     candidates, required = self.SPLITS[split]
     for name in candidates:
-      if os.path.isdir(os.path.join(root, name)):
-        return os.path.join(root, name)
+      if paths.isdir(join(root, name)):
+        return join(root, name)
     if required:
-      raise ManualDataError(f"missing folder {os.path.join(root, candidates[0])} (the {split} "
+      raise ManualDataError(f"missing folder {join(root, candidates[0])} (the {split} "
                             f"split of {self.name}; expected one of {list(candidates)} in "
                             f"{root})")
     return None
@@ -452,8 +498,8 @@ class PairedFolderBuilder(ManualBuilder, skip_registration=True):
       folder = self.split_folder(root, split)
       if folder is None:
         continue
-      image_dir = require_dir(os.path.join(folder, self.IMAGE_DIR), f"{split} images")
-      label_dir = require_dir(os.path.join(folder, self.LABEL_DIR), f"{split} labels")
+      image_dir = require_dir(join(folder, self.IMAGE_DIR), f"{split} images")
+      label_dir = require_dir(join(folder, self.LABEL_DIR), f"{split} labels")
       pairs = pair_files(image_dir, label_dir, image_suffix=self.IMAGE_SUFFIX,
                          label_suffix=self.LABEL_SUFFIX)
       out[split] = self._generate_examples(pairs)

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"idgbr: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF is only used for PNG/TensorBoard I/O
+  # gs:// and other URLs through fsspec (gcsfs), not tf.io.gfile: commands that never need TF
+  # (refine, export, convert) do not import it for a bucket path either.
+  os.environ.setdefault("EPATH_USE_TF", "0")
   from idgbr_jax import xla_flags  # pylint: disable=import-outside-toplevel
   # Before any command starts JAX. Evaluation is image-parallel: one CPU device per core.
   xla_flags.apply_defaults(extra=xla_flags.cpu_device_flags() if command == "evaluate" else ())

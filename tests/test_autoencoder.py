@@ -10,7 +10,9 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
+import numerics
 from idgbr_jax.convert import diffusers_vae
+from idgbr_jax.convert.diffusers_folder import autoencoder_config_from_diffusers
 from idgbr_jax.models import autoencoder as ae
 from idgbr_jax.parallel import sharding
 
@@ -81,8 +83,8 @@ def test_variants_and_from_diffusers():
   assert sd15.sample_posterior  # IDGBR encodes with a posterior sample
   assert ae.get_config("tiny").downsample_factor == 8
   assert ae.get_config("small").downsample_factor == 8
-  assert ae.AutoencoderConfig.from_diffusers(SD15_DIFFUSERS_CONFIG) == sd15
-  assert ae.AutoencoderConfig.from_diffusers(SD15_DIFFUSERS_CONFIG, remat=True).remat
+  assert autoencoder_config_from_diffusers(SD15_DIFFUSERS_CONFIG) == sd15
+  assert autoencoder_config_from_diffusers(SD15_DIFFUSERS_CONFIG, remat=True).remat
   assert ae.get_config("tiny", sample_posterior=False).sample_posterior is False
 
 
@@ -92,15 +94,15 @@ def test_config_errors_name_the_problem(tmp_path):
   with pytest.raises(ValueError, match="latent_chans"):
     ae.get_config("tiny", latent_chans=8)
   with pytest.raises(ValueError, match="down_block_types"):
-    ae.AutoencoderConfig.from_diffusers(
+    autoencoder_config_from_diffusers(
         {**SD15_DIFFUSERS_CONFIG, "down_block_types": ["AttnDownEncoderBlock2D"] * 4})
   with pytest.raises(ValueError, match="shift_factor"):
-    ae.AutoencoderConfig.from_diffusers({**SD15_DIFFUSERS_CONFIG, "shift_factor": 0.1})
+    autoencoder_config_from_diffusers({**SD15_DIFFUSERS_CONFIG, "shift_factor": 0.1})
   with pytest.raises(ValueError, match="divisible"):
     ae.get_config("tiny", norm_num_groups=7)
   path = tmp_path / "config.json"
   path.write_text(__import__("json").dumps(SD15_DIFFUSERS_CONFIG))
-  assert ae.AutoencoderConfig.from_diffusers(str(path)) == ae.get_config("sd15")
+  assert autoencoder_config_from_diffusers(str(path)) == ae.get_config("sd15")
 
 
 # ---------------------------------------------------------------- diffusers parity
@@ -262,8 +264,10 @@ def test_remat_matches_plain_loss_and_grads():
   key = jax.random.key(4)
   grad = jax.jit(jax.grad(lambda p, m: ae.autoencoder_loss(m, p, x, key)[0]), static_argnums=1)
   g_plain, g_remat = grad(params, model), grad(params, remat_model)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-               g_plain, g_remat)
+  # remat recomputes the forward pass inside the backward one: the same sums, compiled and fused
+  # differently, so equal to float32 rounding (tests/numerics.py); n: the batch's 2 x 16 x 16
+  # pixels, which the loss averages.
+  numerics.assert_close_up_to_rounding(g_remat, g_plain, n_terms=2 * 16 * 16, err_msg="grad")
 
 
 def test_adam_steps_lower_the_loss():

@@ -217,6 +217,7 @@ def test_adam_overfits_one_batch(name):
 def test_segformer_matches_transformers():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  from idgbr_jax.convert import segformer_hf
   from idgbr_jax.models.backbones import segformer
 
   torch.manual_seed(0)
@@ -242,7 +243,7 @@ def test_segformer_matches_transformers():
         m.running_var.uniform_(0.5, 2.0)
   config = segformer.get_config("tiny", depths=(2, 1, 1, 1), layer_norm_eps=1e-5)
   model = segformer.SegFormer(config, NUM_CLASSES)
-  variables = segformer.convert_hf_state_dict(hf.state_dict(), config)
+  variables = segformer_hf.segformer_params_from_hf(hf.state_dict(), config)
   # The converted tree has exactly the shapes our init produces.
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jnp.zeros((1, 64, 64, 3)))

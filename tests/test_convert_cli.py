@@ -11,12 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import idgbr_package_stage2
+from idgbr_configs import idgbr_package_stage2
 from idgbr_jax import checkpoints, convert
+from idgbr_jax.assembly import stage2 as assembly
 from idgbr_jax.convert import checkpoint_io, files
 from idgbr_jax.models import refiner
 from idgbr_jax.parallel import sharding
 from idgbr_jax.train import optim, stage2
+from importtime import assert_not_imported
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -35,10 +37,10 @@ def _randomise(model, seed, scale=0.1):
   return model.eval()
 
 
-def _cli(*args):
+def _cli(*args, python_flags=()):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "idgbr_jax.cli", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, *python_flags, "-m", "idgbr_jax.cli", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +135,11 @@ def _stage2_config(converted):
   return config
 
 
+@pytest.mark.slow
 def test_stage2_initialises_from_the_converted_weights(sd_folder, converted, tmp_path):
   _, sd, *_ = sd_folder
   config = _stage2_config(converted)
-  cfg = stage2.refiner_config(config, config.data.num_classes)
+  cfg = assembly.refiner_config(config, config.data.num_classes)
   assert cfg.denoiser.block_out_channels == (16, 32)  # from meta.json, not the `sd15` name
   assert cfg.autoencoder.block_out_channels == (16, 32) and cfg.teacher.embed_dim == 32
   assert cfg.label_embed.num_classes == 8
@@ -145,8 +148,7 @@ def test_stage2_initialises_from_the_converted_weights(sd_folder, converted, tmp
   rules = tuple(config.sharding_rules)
   tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
   state, state_sh = stage2.init_state(ref, tx, config, mesh, rules)
-  frozen, _ = stage2.init_frozen(ref, config, state["params"]["unet"], state_sh["params"]["unet"],
-                                 mesh, rules)
+  frozen, _ = stage2.init_frozen(ref, config, state, state_sh, mesh, rules)
   _, unet_params = convert.load_diffusers(sd / "unet")
   _, vae_params = convert.load_diffusers(sd / "vae")
   same = lambda a, b: jax.tree.map(  # noqa: E731
@@ -165,7 +167,12 @@ def test_stage2_initialises_from_the_converted_weights(sd_folder, converted, tmp
   ckpt.close()
   # (--to=diffusers writes the same unet/vae through `save_diffusers`, tested elsewhere; one
   # export here keeps the test short: each re-initialises the run.)
-  written = checkpoint_io.export_checkpoint(str(workdir), "idgbr", str(tmp_path / "idgbr"))
+  # The command loads the run params-only and imports neither TensorFlow nor clu's writers.
+  proc = _cli("export", f"--checkpoint={workdir}", "--to=idgbr", f"--dst={tmp_path / 'idgbr'}",
+              python_flags=("-X", "importtime"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert_not_imported(proc.stderr, ("tensorflow", "clu.metric_writers"))
+  written = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
   back = diffusers.UNet2DConditionModel.from_pretrained(written["unet"])
   want = diffusers.UNet2DConditionModel.from_pretrained(sd / "unet").state_dict()
   for k, v in back.state_dict().items():

@@ -12,10 +12,10 @@ import pytest
 from flax import linen as nn
 
 from idgbr_jax import convert
-from idgbr_jax.convert import files, idgbr, torch_guidance
+from idgbr_jax.convert import files, idgbr
 from idgbr_jax.models import guidance as gd
 from idgbr_jax.models import label_embedding as le
-from idgbr_jax.models import repa
+import torch_reference
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -55,7 +55,7 @@ def original(tmp_path_factory):
   cfg = json.loads((root / "unet_gen" / "config.json").read_text())
   cfg["_class_name"] = "UNet2DConditionNewModel"  # what the original's subclass writes
   (root / "unet_gen" / "config.json").write_text(json.dumps(cfg))
-  block_cls = torch_guidance.dformer_block_cls(torch)
+  block_cls = torch_reference.dformer_block_cls(torch)
   blocks = [_random_(block_cls(c, WIDTH, 1, HEADS, r), gen) for c, r in SKIPS]
   mid = _random_(block_cls(MID[0], WIDTH, 1, HEADS, MID[1]), gen)
   sd = {}
@@ -295,4 +295,4 @@ def test_projector_params_to_torch_inverts_the_importer():
   sd = idgbr.projector_params_to_torch(p)
   assert sorted(sd) == sorted(f"projectors.0.{i}.{t}" for i in (0, 2, 4) for t in ("weight",
                                                                                   "bias"))
-  jax.tree.map(np.testing.assert_array_equal, repa.projector_params_from_torch(sd), p)
+  jax.tree.map(np.testing.assert_array_equal, idgbr.projector_params_from_torch(sd), p)

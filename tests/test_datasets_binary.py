@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import _common
-from datasets.chn6_cug import Chn6Cug
-from datasets.fgfd import Fgfd
-from datasets.whu_building import WhuBuilding
+from idgbr_datasets import _common
+from idgbr_datasets.chn6_cug import Chn6Cug
+from idgbr_datasets.fgfd import Fgfd
+from idgbr_datasets.whu_building import WhuBuilding
 from idgbr_jax.data import sources
 
 S = 32
@@ -131,7 +131,7 @@ def test_fgfd_colours_map_to_farmland(built):
 
 
 def test_sources_name_the_build_command_when_not_prepared(tmp_path):
-  with pytest.raises(sources.DataError, match=r"python -m datasets.whu_building"):
+  with pytest.raises(sources.DataError, match=r"python -m idgbr_datasets.whu_building"):
     _source("whu_building", str(tmp_path), "train")
 
 

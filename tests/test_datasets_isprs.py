@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import _common
-from datasets import isprs
+from idgbr_datasets import _common
+from idgbr_datasets import isprs
 from idgbr_jax.data import sources
 
 H, W, T = 40, 48, 16

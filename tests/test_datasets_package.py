@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import _common
-from datasets.chn6_cug import Chn6Cug
-from datasets.idgbr_package import IdgbrPackage
+from idgbr_datasets import _common
+from idgbr_datasets.chn6_cug import Chn6Cug
+from idgbr_datasets.idgbr_package import IdgbrPackage
 from idgbr_jax.data import pipeline, sources
 
 S = 24
@@ -203,8 +203,8 @@ DATASETS = {"chn6_cug": (2, (0, 1)), "fgfd": (2, (0, 1)), "whu_building": (2, (0
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_dataset_configs_load_with_the_right_classes(name):
   k, values = DATASETS[name]
-  stage1 = importlib.import_module(f"configs.{name}_stage1")
-  stage2 = importlib.import_module(f"configs.{name}_stage2")
+  stage1 = importlib.import_module(f"idgbr_configs.{name}_stage1")
+  stage2 = importlib.import_module(f"idgbr_configs.{name}_stage2")
   for backbone, variant in (("unet", "base"), ("deeplabv3plus", "r50"), ("segformer", "b0")):
     config = stage1.get_config(backbone)
     assert (config.model.backbone, config.model.variant) == (backbone, variant)
@@ -228,7 +228,7 @@ def test_dataset_configs_load_with_the_right_classes(name):
 
 
 def test_package_stage2_config():
-  mod = importlib.import_module("configs.idgbr_package_stage2")
+  mod = importlib.import_module("idgbr_configs.idgbr_package_stage2")
   potsdam = mod.get_config("dataset=potsdam")
   assert potsdam.data.tfds_config == "potsdam" and potsdam.data.num_classes == 6
   assert tuple(potsdam.data.eval_label_values) == (1, 2, 3, 4, 5)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from idgbr_jax import metrics
@@ -19,6 +20,7 @@ def _read_dir(path):
           for f in sorted(os.listdir(path))}
 
 
+@pytest.mark.slow
 def test_demo_runlocal_writes_a_consistent_report(tmp_path):
   # Skipping XLA's optimisation passes halves compile time, which is all of a smoke-size run.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",

@@ -8,7 +8,9 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
+import numerics
 from idgbr_jax.convert import diffusers_unet
+from idgbr_jax.convert.diffusers_folder import denoiser_config_from_diffusers
 from idgbr_jax.models import denoiser
 from idgbr_jax.models.denoiser import DenoiserConfig, UNet2DConditionModel
 from idgbr_jax.parallel import sharding
@@ -64,23 +66,23 @@ def _nhwc(x):
 # ----------------------------------------------------------------------------- config (no torch)
 
 def test_sd15_variant_matches_diffusers_config_json():
-  assert DenoiserConfig.from_diffusers(SD15_CONFIG_JSON) == denoiser.get_config("sd15")
+  assert denoiser_config_from_diffusers(SD15_CONFIG_JSON) == denoiser.get_config("sd15")
   # The "attention_head_dim: 8" naming trap: it is the number of heads.
   assert denoiser.get_config("sd15").heads_per_level == (8, 8, 8, 8)
 
 
 def test_from_diffusers_rejects_unsupported_keys_and_values():
   with pytest.raises(ValueError, match="class_embed_type"):
-    DenoiserConfig.from_diffusers({**SD15_CONFIG_JSON, "class_embed_type": "timestep"})
+    denoiser_config_from_diffusers({**SD15_CONFIG_JSON, "class_embed_type": "timestep"})
   with pytest.raises(ValueError, match="not_a_key"):
-    DenoiserConfig.from_diffusers({**SD15_CONFIG_JSON, "not_a_key": 1})
+    denoiser_config_from_diffusers({**SD15_CONFIG_JSON, "not_a_key": 1})
   with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D"):
-    DenoiserConfig.from_diffusers({**SD15_CONFIG_JSON, "down_block_types": [
+    denoiser_config_from_diffusers({**SD15_CONFIG_JSON, "down_block_types": [
         "SimpleCrossAttnDownBlock2D"] * 4})
   # Defaults written out explicitly (as newer diffusers saves them) are accepted.
   explicit = {**SD15_CONFIG_JSON, "class_embed_type": None, "dropout": 0.0,
               "transformer_layers_per_block": 1, "upcast_attention": False}
-  assert DenoiserConfig.from_diffusers(explicit) == denoiser.get_config("sd15")
+  assert denoiser_config_from_diffusers(explicit) == denoiser.get_config("sd15")
 
 
 def test_get_config_errors_and_skip_layout():
@@ -204,9 +206,11 @@ def test_remat_same_values_and_grads(micro_setup):
             jax.value_and_grad(lambda p: loss(remat_model, p))(p))
 
   (l0, g0), (l1, g1) = grads(params)
-  np.testing.assert_allclose(l1, l0, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The same sums, fused differently: equal to float32 rounding (tests/numerics.py); n: the
+  # 2 x 7 x 5 x 4 outputs the loss averages.
+  n = odd.size
+  numerics.assert_close_up_to_rounding(l1, l0, n_terms=n, err_msg="loss")
+  numerics.assert_close_up_to_rounding(g1, g0, n_terms=n, err_msg="grad")
 
 
 # ----------------------------------------------------------------------------- torch parity
@@ -239,7 +243,7 @@ def _torch_inputs(torch, h, w, seed=0):
 def test_config_and_param_count_agree_with_diffusers(torch_tiny):
   torch, ref, state = torch_tiny
   import diffusers
-  cfg = DenoiserConfig.from_diffusers(dict(ref.config))
+  cfg = denoiser_config_from_diffusers(dict(ref.config))
   assert cfg == TINY
   n_torch = sum(v.size for v in state.values())
   assert denoiser.count_params(denoiser.abstract_params(TINY)) == n_torch
@@ -247,7 +251,7 @@ def test_config_and_param_count_agree_with_diffusers(torch_tiny):
     sd15 = diffusers.UNet2DConditionModel(**{k: v for k, v in SD15_CONFIG_JSON.items()
                                              if not k.startswith("_")})
   assert sum(p.numel() for p in sd15.parameters()) == SD15_PARAM_COUNT
-  assert DenoiserConfig.from_diffusers(dict(sd15.config)) == denoiser.get_config("sd15")
+  assert denoiser_config_from_diffusers(dict(sd15.config)) == denoiser.get_config("sd15")
 
 
 @pytest.mark.torch

@@ -8,8 +8,9 @@ import optax
 import pytest
 from flax import linen as nn
 
-from idgbr_jax.convert import torch_guidance
+from idgbr_jax.convert import idgbr as idgbr_convert
 from idgbr_jax.models import guidance as gd
+import torch_reference
 
 
 def _tiny_cfg(**kw):
@@ -175,7 +176,7 @@ def test_batch_one_conditions_broadcast():
 
 
 def _torch_block_cls(torch):
-  return torch_guidance.dformer_block_cls(torch)
+  return torch_reference.dformer_block_cls(torch)
 
 
 @pytest.mark.torch
@@ -198,7 +199,7 @@ def test_block_matches_torch(grid, layers):
   cfg = gd.GuidanceConfig(skip_channels=(), mid_channels=c, skip_resolutions=(),
                           mid_resolution=res, width=width, heads=heads, layers=layers,
                           init_mode="paper")
-  params = gd.guidance_block_params_from_torch(block.state_dict(), num_layers=layers)
+  params = idgbr_convert.guidance_block_params_from_torch(block.state_dict(), num_layers=layers)
   jblock = gd.GuidanceBlock(c, res, cfg)
   to_nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
   init = nn.unbox(jblock.init(jax.random.PRNGKey(0), to_nhwc(x), to_nhwc(cond)))["params"]
@@ -224,10 +225,10 @@ def test_net_converter_key_layout_and_errors():
                for k, v in cls(c, cfg.width, 1, cfg.heads, r).state_dict().items()})
   sd.update({f"interact_net.attn_blocks_mid.{k}": v for k, v in cls(
       cfg.mid_channels, cfg.width, 1, cfg.heads, cfg.mid_resolution).state_dict().items()})
-  params = gd.guidance_params_from_torch(sd, cfg, prefix="interact_net.")
+  params = idgbr_convert.guidance_params_from_torch(sd, cfg, prefix="interact_net.")
   ref = nn.unbox(jax.eval_shape(gd.GuidanceNet(cfg).init, jax.random.PRNGKey(0),
                                 *_features(cfg)))["params"]
   assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, ref)
   del sd["interact_net.attn_blocks_mid.attn.ln_post.bias"]
   with pytest.raises(KeyError, match="attn_blocks_mid.attn.ln_post.bias"):
-    gd.guidance_params_from_torch(sd, cfg, prefix="interact_net.")
+    idgbr_convert.guidance_params_from_torch(sd, cfg, prefix="interact_net.")

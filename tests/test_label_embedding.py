@@ -6,6 +6,7 @@ import optax
 import pytest
 from flax import linen as nn
 
+from idgbr_jax.convert.idgbr import label_embed_params_from_torch
 from idgbr_jax.models import label_embedding as le
 
 
@@ -91,7 +92,7 @@ def test_params_from_torch_layout():
         "embedding_conv.2.weight": rng.normal(size=(2, 128, 1, 1)).astype(np.float32),
         "embedding_conv.2.bias": rng.normal(size=(2,)).astype(np.float32)}
   cfg = le.get_config("labelembednet2")
-  params = le.label_embed_params_from_torch(sd, cfg)
+  params = label_embed_params_from_torch(sd, cfg)
   model, ref = _init(cfg)
   assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ref)
   x = rng.normal(size=(1, 2, 2, 3)).astype(np.float32)
@@ -101,4 +102,4 @@ def test_params_from_torch_layout():
   np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-5, atol=1e-5)
   del sd["embedding_conv.2.bias"]
   with pytest.raises(KeyError, match="embedding_conv.2.bias"):
-    le.label_embed_params_from_torch(sd, cfg)
+    label_embed_params_from_torch(sd, cfg)

@@ -5,10 +5,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import stage2_synthetic
+from idgbr_configs import stage2_synthetic
+from idgbr_jax.assembly import stage2 as assembly
 from idgbr_jax.checkpoints import params as params_ckpt
 from idgbr_jax.models import autoencoder
-from idgbr_jax.train import pretrain, stage2
+from idgbr_jax.train import pretrain
 
 
 def _optim(lr):
@@ -29,6 +30,7 @@ def test_label_embedding_learns_and_round_trips(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_autoencoder_checkpoint_feeds_stage2_config(tmp_path):
   le_cfg = ml_collections.ConfigDict(dict(num_classes=6, hidden=8, steps=5, batch_size=2,
                                           size=8, noise_std=0.15, seed=0, train_table=False,
@@ -46,7 +48,7 @@ def test_autoencoder_checkpoint_feeds_stage2_config(tmp_path):
   # Stage II takes the autoencoder's architecture from the checkpoint, not from its own config.
   data_config.init.autoencoder = str(tmp_path / "ae")
   data_config.init.label_embed = str(tmp_path / "le")
-  rc = stage2.refiner_config(data_config, 6)
+  rc = assembly.refiner_config(data_config, 6)
   assert rc.autoencoder == autoencoder.get_config(
       "tiny", block_out_channels=(8, 16, 16), norm_num_groups=8)
   assert rc.autoencoder.downsample_factor == 4

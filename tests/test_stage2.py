@@ -11,13 +11,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import stage2_synthetic
+import numerics
+from idgbr_configs import stage2_synthetic
+from idgbr_jax.assembly import stage2 as assembly
 from idgbr_jax.data import pipeline, sources
 from idgbr_jax.inference import refine as refine_lib
 from idgbr_jax.inference.stage1 import write_png
 from idgbr_jax.models import refiner
 from idgbr_jax.parallel import sharding
 from idgbr_jax.train import optim, stage2
+from importtime import assert_not_imported
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -50,15 +53,16 @@ def fixed_batch(b=8):
   return {"image": image, "label": label, "coarse": np.roll(label, 2, axis=1)}
 
 
-def build(config):
+def build(config, tx=None):
+  """`tx`: an optimizer instead of the config's (AdamW)."""
   mesh = sharding.make_mesh(config.mesh_shape.to_dict())
   rules = tuple(config.sharding_rules)
-  ref = refiner.Refiner(stage2.refiner_config(config, 6))
-  tx, lr = optim.make_optimizer(config.optim, config.num_train_steps)
+  ref = refiner.Refiner(assembly.refiner_config(config, 6))
+  config_tx, lr = optim.make_optimizer(config.optim, config.num_train_steps)
+  tx = tx or config_tx
   state, state_sh = stage2.init_state(ref, tx, config, mesh, rules)
-  frozen, f_sh = stage2.init_frozen(ref, config, state["params"]["unet"],
-                                    state_sh["params"]["unet"], mesh, rules)
-  step = jax.jit(stage2.make_train_step(ref, tx, lr, stage2.make_schedule(config), config),
+  frozen, f_sh = stage2.init_frozen(ref, config, state, state_sh, mesh, rules)
+  step = jax.jit(stage2.make_train_step(ref, tx, lr, assembly.make_schedule(config), config),
                  in_shardings=(state_sh, f_sh, stage2.batch_shardings(mesh, rules),
                                sharding.replicated(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)))
@@ -70,6 +74,7 @@ def single():
   return build(small_config())
 
 
+@pytest.mark.slow
 def test_train_step_lowers_loss_on_a_fixed_batch(single):
   ref, mesh, state, frozen, step = single
   batch = pipeline.to_global(fixed_batch(), mesh)
@@ -97,29 +102,49 @@ def test_train_step_lowers_loss_on_a_fixed_batch(single):
   assert all(r == 0.0 for r in repa[2:])
 
 
-def test_sharded_step_equals_single_device(single):
+# The longest reduction in a step: the mean over the batch's pixels (tests/numerics.py).
+N_TERMS = 8 * SIZE * SIZE
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_single_device():
+  """A step on a (data 4, fsdp 2) mesh equals the step on one device: loss, gradients and update
+  agree to float32 rounding (tests/numerics.py), from the init and from a trained state (where the
+  CG net's attention, behind zero-initialised projections at init, has gradients too). Plain SGD,
+  not the config's AdamW: Adam turns the rounding noise of a ~0 gradient into a full learning-rate
+  step, whose size depends on the CPU model's summation order."""
   assert jax.device_count() == 8
-  _, mesh1, state1, frozen1, step1 = single
-  _, mesh8, state8, frozen8, step8 = build(small_config(data=4, fsdp=2))
+  tx = numerics.sgd_keeping_gradients(1e-3)
+  _, mesh1, state1, frozen1, step1 = build(small_config(), tx)
+  _, mesh8, state8, frozen8, step8 = build(small_config(data=4, fsdp=2), tx)
+  # Both start from the same init (a function of the seed only; element-wise maths, so equal up
+  # to an ulp where vectorised and scalar code round differently).
+  for a, b in zip(jax.tree.leaves(state8["params"]), jax.tree.leaves(state1["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2 * numerics.eps(), atol=0)
+  state8_sh = jax.tree.map(lambda x: x.sharding, state8)
   batch = fixed_batch()
   rng = jax.random.key(3)
-  # Both start from the same init (the init is a function of the seed only).
-  for a, b in zip(jax.tree.leaves(state8["params"]), jax.tree.leaves(state1["params"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0)
-  s1 = copy.deepcopy(jax.device_get(state1))
-  s1 = jax.device_put(s1, jax.tree.map(lambda x: x.sharding, state1))
-  for _ in range(2):
-    s1, m1 = step1(s1, frozen1, pipeline.to_global(batch, mesh1), rng)
+  for i in (1, 2):
+    if i == 2:  # step 2 from the same state, so that each step is compared on its own rounding
+      state8 = jax.device_put(jax.device_get(state1), state8_sh)
+    before = jax.device_get(state1["params"])
+    state1, m1 = step1(state1, frozen1, pipeline.to_global(batch, mesh1), rng)
     state8, m8 = step8(state8, frozen8, pipeline.to_global(batch, mesh8), rng)
+    numerics.assert_close_up_to_rounding(float(m8.compute()["loss"]), float(m1.compute()["loss"]),
+                                         n_terms=N_TERMS, err_msg=f"step {i} loss")
+    numerics.assert_close_up_to_rounding(numerics.last_gradient(state8["opt_state"]),
+                                         numerics.last_gradient(state1["opt_state"]),
+                                         n_terms=N_TERMS, err_msg=f"step {i} gradient")
+    # The update (-lr * gradient), plus the rounding of adding it to the float32 weights (half an
+    # ulp in each run).
+    numerics.assert_close_up_to_rounding(numerics.updates(state8["params"], before),
+                                         numerics.updates(state1["params"], before),
+                                         n_terms=N_TERMS, extra_atol=numerics.ulps(before),
+                                         err_msg=f"step {i} update")
   assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state8["params"]))
-  np.testing.assert_allclose(float(m8.compute()["loss"]), float(m1.compute()["loss"]),
-                             rtol=1e-4)
-  # Adam normalises updates, so a gradient that is ~0 in both runs can still move a weight by
-  # up to lr * (summation-order noise / its tiny RMS); 2e-4 is a fifth of one lr step.
-  for a, b in zip(jax.tree.leaves(state8["params"]), jax.tree.leaves(s1["params"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_cfg_batch_gives_conditional_and_zero_residual_branches(single):
   ref, mesh, state, frozen, _ = single
   params = jax.device_get(state["params"])
@@ -138,8 +163,10 @@ def test_cfg_batch_gives_conditional_and_zero_residual_branches(single):
                                ref.context(frozen, 2))
     return eps_c, eps_u, eps_cond, eps_plain
   eps_c, eps_u, eps_cond, eps_plain = all_three(params, frozen, z, cond)
-  np.testing.assert_allclose(eps_c, eps_cond, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(eps_u, eps_plain, rtol=1e-5, atol=1e-5)
+  # Batched (CFG: conditional and unconditional halves in one batch) vs separate calls: the same
+  # sums over other batch shapes, so equal to float32 rounding (tests/numerics.py).
+  for got, want, name in ((eps_c, eps_cond, "eps_c"), (eps_u, eps_plain, "eps_u")):
+    numerics.assert_close_up_to_rounding(got, want, n_terms=2 * SIZE * SIZE, err_msg=name)
   assert float(jnp.abs(eps_c - eps_u).max()) > 1e-3
 
 
@@ -152,7 +179,19 @@ def _write_split(config, split, root, coarse_fn):
   return ds
 
 
-def test_train_resume_and_refine_command(tmp_path):
+def _summary_tags(logdir) -> dict[str, set[str]]:
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tags, plugins = set(), set()
+  for path in logdir.glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        tags.add(value.tag)
+        plugins.add(value.metadata.plugin_data.plugin_name)
+  return {"tags": tags, "plugins": plugins}
+
+
+@pytest.mark.slow
+def test_train_resume_and_refine_command(tmp_path, monkeypatch):
   config = small_config()
   config.data.data_dir = str(tmp_path / "tfds")
   config.data.coarse_dir = str(tmp_path / "coarse")
@@ -162,20 +201,61 @@ def test_train_resume_and_refine_command(tmp_path):
     ds = _write_split(config, split, config.data.coarse_dir, lambda l: np.roll(l, 1, axis=0))
   out = stage2.train_and_evaluate(copy.deepcopy(config), str(tmp_path / "run"))
   assert int(out["state"]["step"]) == 2
+  # eval_every_steps=0 (the config's default) refines and scores the eval split once, after the
+  # last step; the TensorBoard log holds the config as hparams and the eval scalars.
+  assert config.eval_every_steps == 0
+  assert out["eval"]["refined"]["num_images"] == out["eval"]["coarse"]["num_images"] == \
+      config.data.num_test
+  tags = _summary_tags(tmp_path / "run")
+  assert "hparams" in tags["plugins"] and "eval/refined/wf_min" in tags["tags"]
   # Refinement is seeded: the same seed gives the same maps.
   refine_fn = refine_lib.make_refine_fn(
-      out["refiner"], config, out["mesh"], jax.tree.map(lambda x: x.sharding, out["state"]["params"]),
+      out["refiner"], config, out["mesh"],
+      jax.tree.map(lambda x: x.sharding, out["state"]["params"]),
       jax.tree.map(lambda x: x.sharding, out["frozen"]))
   args = (refine_fn, out["state"]["params"], out["frozen"],
           refine_lib.eval_split_dataset(config), config, out["mesh"])
   first = [r for _, r, _, _ in refine_lib.refine_dataset(*args)]
   again = [r for _, r, _, _ in refine_lib.refine_dataset(*args)]
   assert len(first) == config.data.num_test and first[0].shape == (SIZE, SIZE)
+  # Same program, same devices, same machine: deterministic, so exact (tests/numerics.py).
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a, b)
   assert max(int(r.max()) for r in first) < 6
 
-  # The CLI rebuilds the refiner from the checkpoint alone and writes one PNG per image.
+  # Params-only load: the trained params, no optimizer state, no teacher, no projector, and the
+  # only random init computed is what has no checkpoint (the tiny config's VAE and label
+  # embedding; unet_ori is the encoder half of the seed's denoiser init, computed alone).
+  created = []
+  real_create = sharding.create_sharded
+
+  def spy(init_fn, rng, *args):
+    tree, sh = real_create(init_fn, rng, *args)
+    created.append(sum(x.size for x in jax.tree.leaves(tree)))
+    return tree, sh
+  monkeypatch.setattr(sharding, "create_sharded", spy)
+  loaded = assembly.load_refiner(str(tmp_path / "run"))
+  monkeypatch.undo()
+  assert set(loaded.trainable) == {"unet", "guidance"}
+  assert set(loaded.frozen) == {"vae", "label_embed", "unet_ori", "context"}
+  assert sum(created) == sum(x.size for k in ("vae", "label_embed")
+                             for x in jax.tree.leaves(loaded.frozen[k]))
+  for k in ("unet", "guidance"):
+    jax.tree.map(np.testing.assert_array_equal, loaded.trainable[k], out["state"]["params"][k])
+  for k in ("unet_ori", "vae", "label_embed", "context"):
+    jax.tree.map(np.testing.assert_array_equal, loaded.frozen[k], out["frozen"][k])
+  refine_fn = refine_lib.make_refine_fn(
+      loaded.refiner, loaded.config, loaded.mesh,
+      jax.tree.map(lambda x: x.sharding, loaded.trainable),
+      jax.tree.map(lambda x: x.sharding, loaded.frozen))
+  from_disk = [r for _, r, _, _ in refine_lib.refine_dataset(
+      refine_fn, loaded.trainable, loaded.frozen, refine_lib.eval_split_dataset(config), config,
+      loaded.mesh)]
+  for a, b in zip(first, from_disk):
+    np.testing.assert_array_equal(a, b)
+
+  # The CLI rebuilds the refiner from the checkpoint alone and writes one PNG per image, without
+  # importing TensorFlow or clu's writers (-X importtime lists every import on stderr).
   images = tmp_path / "images"
   for i in range(len(ds)):
     ex = ds[i]
@@ -185,11 +265,13 @@ def test_train_resume_and_refine_command(tmp_path):
     Image.open(p).convert("RGB").save(p)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
   res = subprocess.run(
-      [sys.executable, "-m", "idgbr_jax.cli", "refine", f"--checkpoint={tmp_path / 'run'}",
-       f"--images={images}", f"--coarse={tmp_path / 'coarse' / 'test'}",
-       f"--out={tmp_path / 'refined'}", "--num_steps=2"],
+      [sys.executable, "-X", "importtime", "-m", "idgbr_jax.cli", "refine",
+       f"--checkpoint={tmp_path / 'run'}", f"--images={images}",
+       f"--coarse={tmp_path / 'coarse' / 'test'}", f"--out={tmp_path / 'refined'}",
+       "--num_steps=2"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
+  assert_not_imported(res.stderr, ("tensorflow", "clu.metric_writers"))
   written = sorted(os.listdir(tmp_path / "refined"))
   assert len(written) == len(ds)
   refined = np.asarray(Image.open(tmp_path / "refined" / written[0]))
@@ -207,16 +289,21 @@ def test_train_resume_and_refine_command(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Latent cache: the VAE posterior moments per (example, flip/rot), drawn from in the step.
 
+@pytest.mark.slow
 def test_cached_moments_step_equals_encoding_step(single):
   """A step fed cached posterior moments is the step that runs the VAE encoder (same draws)."""
   ref, mesh, state, frozen, _ = single
   config = small_config()
-  tx, lr = optim.make_optimizer(config.optim, config.num_train_steps)
+  # Plain SGD: its state keeps the step's gradient, which is compared (tests/numerics.py; Adam
+  # would turn rounding noise into learning-rate steps).
+  lr = optim.learning_rate_schedule(config.optim, config.num_train_steps)
+  tx = numerics.sgd_keeping_gradients(lr)
+  state = {**state, "opt_state": tx.init(state["params"])}
   rules = tuple(config.sharding_rules)
   keys = ("image", "label", "coarse")
   f_sh = jax.tree.map(lambda x: x.sharding, frozen)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
-  fn = stage2.make_train_step(ref, tx, lr, stage2.make_schedule(config), config)
+  fn = stage2.make_train_step(ref, tx, lr, assembly.make_schedule(config), config)
   cached_step = jax.jit(fn, in_shardings=(state_sh, f_sh,
                                           stage2.batch_shardings(mesh, rules, keys),
                                           sharding.replicated(mesh)))
@@ -234,16 +321,21 @@ def test_cached_moments_step_equals_encoding_step(single):
   rng = jax.random.key(5)
   s_plain, m_plain = plain_step(state, frozen, pipeline.to_global(batch, mesh), rng)
   s_cached, m_cached = cached_step(state, frozen, pipeline.to_global(cached, mesh), rng)
-  np.testing.assert_allclose(float(m_cached.compute()["loss"]), float(m_plain.compute()["loss"]),
-                             rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s_cached["params"]), jax.tree.leaves(s_plain["params"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  # The moments come from a separately compiled encoder: equal to float32 rounding.
+  numerics.assert_close_up_to_rounding(float(m_cached.compute()["loss"]),
+                                       float(m_plain.compute()["loss"]), n_terms=N_TERMS,
+                                       err_msg="loss")
+  numerics.assert_close_up_to_rounding(
+      numerics.last_gradient(jax.device_get(s_cached["opt_state"])),
+      numerics.last_gradient(jax.device_get(s_plain["opt_state"])), n_terms=N_TERMS,
+      err_msg="gradient")
   # ... and a wrong moment changes the loss (the cached values are really used).
   cached["label_moments"] = cached["label_moments"] + 1.0
   _, m_wrong = cached_step(state, frozen, pipeline.to_global(cached, mesh), rng)
   assert abs(float(m_wrong.compute()["loss"]) - float(m_plain.compute()["loss"])) > 1e-3
 
 
+@pytest.mark.slow
 def test_latent_cache_follows_the_augmentation(tmp_path, single):
   """Every cached (example, flip/rot) equals encoding that augmented example; the pipeline
   attaches the moments of the very flip/rot it applied."""
@@ -259,7 +351,7 @@ def test_latent_cache_follows_the_augmentation(tmp_path, single):
   _write_split(config, "train", config.data.coarse_dir, lambda l: np.roll(l, 3, axis=1))
   rules = tuple(config.sharding_rules)
   f_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  coarse_dir = stage2.coarse_dir_for(config, "train")
+  coarse_dir = assembly.coarse_dir_for(config, "train")
   with jax.set_mesh(mesh):
     cache = latent_cache.build(ref, frozen, f_sh, config, 6, mesh, rules, coarse_dir=coarse_dir)
   assert cache.moments["image"].shape == (3, 8, SIZE // 8, SIZE // 8, 8)
@@ -272,17 +364,19 @@ def test_latent_cache_follows_the_augmentation(tmp_path, single):
   row = cache.rows[e["id"]]
   stack = lambda k: np.stack([transforms.dihedral(e[k], c) for c in range(8)])  # noqa: E731
   img_m, lab_m, co_m = encode(frozen, stack("image"), stack("label"), stack("coarse"))
+  # Other batch compositions and shardings of the same encoder: equal to float32 rounding.
   for key, want in (("image", img_m), ("label", lab_m), ("coarse", co_m)):
-    np.testing.assert_allclose(cache.moments[key][row], np.asarray(want), rtol=1e-4, atol=1e-5)
+    numerics.assert_close_up_to_rounding(cache.moments[key][row], want, n_terms=N_TERMS,
+                                         err_msg=key)
   assert np.abs(np.diff(cache.moments["image"][row], axis=0)).max() > 1e-3  # elements differ
   # Through the pipeline: each element's attached moments encode the image it carries.
   it = iter(pipeline.train_dataset(config, 6, coarse_dir=coarse_dir, cache=cache))
   batch = next(it)
   assert batch["image_moments"].shape == (8, SIZE // 8, SIZE // 8, 8)
   img_b, lab_b, co_b = encode(frozen, batch["image"], batch["label"], batch["coarse"])
-  np.testing.assert_allclose(batch["image_moments"], np.asarray(img_b), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(batch["label_moments"], np.asarray(lab_b), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(batch["coarse_moments"], np.asarray(co_b), rtol=1e-4, atol=1e-5)
+  for key, want in (("image", img_b), ("label", lab_b), ("coarse", co_b)):
+    numerics.assert_close_up_to_rounding(batch[f"{key}_moments"], want, n_terms=N_TERMS,
+                                         err_msg=f"{key}_moments")
   # Random crops cannot be cached.
   config.data.crop_size = 16
   with pytest.raises(ValueError, match="crop_size"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from datasets import synthetic_rs as srs
-from datasets.synthetic_rs import scenes
+from idgbr_datasets import synthetic_rs as srs
+from idgbr_datasets.synthetic_rs import scenes
 
 
 def _examples(task, size, n, seed=0, split="train"):

@@ -1,4 +1,4 @@
 """CHN6-CUG road extraction (TFDS manual-download builder)."""
-from datasets.chn6_cug.chn6_cug import Chn6Cug
+from idgbr_datasets.chn6_cug.chn6_cug import Chn6Cug
 
 __all__ = ["Chn6Cug"]

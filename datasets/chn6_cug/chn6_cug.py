@@ -11,7 +11,7 @@ Ids are image stems (`<name>_sat`).
 """
 from __future__ import annotations
 
-from datasets import _common
+from idgbr_datasets import _common
 
 
 class Chn6Cug(_common.PairedFolderBuilder):

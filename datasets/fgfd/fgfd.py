@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datasets import _common
+from idgbr_datasets import _common
 
 PALETTE = ((0, 0, 0), (128, 0, 0), (0, 128, 0))  # non-farmland, farmland w/o crops, w/ crops
 FOREGROUND = {"all": (0, 1, 1), "green": (0, 0, 1)}

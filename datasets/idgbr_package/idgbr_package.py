@@ -17,6 +17,7 @@ loader (`I2SDataset`), 2-class data is binarised with `value != 0` (labels and r
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 
@@ -24,7 +25,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from datasets import _common
+from idgbr_datasets import _common
+from idgbr_jax import paths
 
 SPLITS = ("train", "test")
 
@@ -97,8 +99,8 @@ metadata_i2s_segformer_train.jsonl and metadata_i2s_segformer_test.jsonl whose l
     root = self._manual_root(dl_manager)
     out = {}
     for split in SPLITS:
-      path = os.path.join(root, f"{cfg.metadata_prefix}_{split}.jsonl")
-      if not os.path.isfile(path):
+      path = _common.join(root, f"{cfg.metadata_prefix}_{split}.jsonl")
+      if not _common.is_file(path):
         raise _common.ManualDataError(f"missing file {path} (the {split} metadata)")
       out[split] = self._generate_examples(root, path, read_metadata(path))
     return out
@@ -119,9 +121,9 @@ metadata_i2s_segformer_train.jsonl and metadata_i2s_segformer_test.jsonl whose l
     seen = {}
     for index, (line, entry) in enumerate(entries):
       where = f"{metadata_path}:{line}"
-      image_path = os.path.join(root, entry["image"])
-      label_path = os.path.join(root, entry["label_index"])
-      coarse_path = os.path.join(root, entry["rough_label_index"])
+      image_path = _common.join(root, entry["image"])
+      label_path = _common.join(root, entry["label_index"])
+      coarse_path = _common.join(root, entry["rough_label_index"])
       example_id = os.path.splitext(os.path.basename(entry["image"]))[0]
       if example_id in seen:
         raise _common.ManualDataError(f"{where}: image stem '{example_id}' repeats line "
@@ -141,9 +143,9 @@ metadata_i2s_segformer_train.jsonl and metadata_i2s_segformer_test.jsonl whose l
 
 
 def read_metadata(path: str) -> list[tuple[int, dict]]:
-  """(line number, entry) of a metadata jsonl; errors name the file and line."""
+  """(line number, entry) of a metadata jsonl (local or a URL); errors name the file and line."""
   entries = []
-  with open(path, encoding="utf-8") as f:
+  with io.TextIOWrapper(io.BytesIO(paths.read_bytes(path)), encoding="utf-8") as f:
     for line_no, text in enumerate(f, 1):
       if not text.strip():
         continue

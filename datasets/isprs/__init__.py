@@ -1,17 +1,17 @@
 """ISPRS Potsdam and Vaihingen (TFDS manual-download builders sharing the ISPRS code)."""
-from datasets.isprs.isprs import CLASS_NAMES
-from datasets.isprs.isprs import CLASS_ORDERS
-from datasets.isprs.isprs import COLOURS
-from datasets.isprs.isprs import POTSDAM_TILES
-from datasets.isprs.isprs import VAIHINGEN_TILES
-from datasets.isprs.isprs import IsprsConfig
-from datasets.isprs.isprs import Potsdam
-from datasets.isprs.isprs import Vaihingen
-from datasets.isprs.isprs import class_names
-from datasets.isprs.isprs import config_name
-from datasets.isprs.isprs import encode_label
-from datasets.isprs.isprs import eval_label_values
-from datasets.isprs.isprs import num_classes
+from idgbr_datasets.isprs.isprs import CLASS_NAMES
+from idgbr_datasets.isprs.isprs import CLASS_ORDERS
+from idgbr_datasets.isprs.isprs import COLOURS
+from idgbr_datasets.isprs.isprs import POTSDAM_TILES
+from idgbr_datasets.isprs.isprs import VAIHINGEN_TILES
+from idgbr_datasets.isprs.isprs import IsprsConfig
+from idgbr_datasets.isprs.isprs import Potsdam
+from idgbr_datasets.isprs.isprs import Vaihingen
+from idgbr_datasets.isprs.isprs import class_names
+from idgbr_datasets.isprs.isprs import config_name
+from idgbr_datasets.isprs.isprs import encode_label
+from idgbr_datasets.isprs.isprs import eval_label_values
+from idgbr_datasets.isprs.isprs import num_classes
 
 __all__ = [
     "CLASS_NAMES", "CLASS_ORDERS", "COLOURS", "POTSDAM_TILES", "VAIHINGEN_TILES", "IsprsConfig",

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from datasets import _common
+from idgbr_datasets import _common
 
 CLASS_NAMES = ("impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter")
 COLOURS = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
@@ -207,11 +206,11 @@ class IsprsBuilder(_common.ManualBuilder, skip_registration=True):
     cfg = self.builder_config
     folder, pattern = self.CHANNEL_FILES[cfg.channels]
     label_folder, label_pattern = self.ERODED_FILES if cfg.eroded else self.LABEL_FILES
-    image_dir = _common.require_dir(os.path.join(root, folder), f"{cfg.channels} images")
-    label_dir = _common.require_dir(os.path.join(root, label_folder),
+    image_dir = _common.require_dir(_common.join(root, folder), f"{cfg.channels} images")
+    label_dir = _common.require_dir(_common.join(root, label_folder),
                                     "eroded labels" if cfg.eroded else "labels")
-    return (os.path.join(image_dir, pattern.format(tile)),
-            os.path.join(label_dir, label_pattern.format(tile)))
+    return (_common.join(image_dir, pattern.format(tile)),
+            _common.join(label_dir, label_pattern.format(tile)))
 
   def _split_generators(self, dl_manager):
     self._check_config()
@@ -222,7 +221,7 @@ class IsprsBuilder(_common.ManualBuilder, skip_registration=True):
       for tile in self.tile_list(split):
         image_path, label_path = self.tile_files(root, tile)
         for path in (image_path, label_path):
-          if not os.path.isfile(path):
+          if not _common.is_file(path):
             raise _common.ManualDataError(f"missing file {path} (tile {tile} of the {split} "
                                           f"split)")
         files.append((self.TILE_NAME.format(tile), image_path, label_path))

@@ -21,7 +21,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from datasets.synthetic_rs import scenes
+from idgbr_datasets import _common
+from idgbr_datasets.synthetic_rs import scenes
 
 DEFAULT_IMAGE_SIZE = 128
 DEFAULT_NUM_TRAIN = 256
@@ -131,14 +132,15 @@ def build(data_dir: str, task: str = "multiclass6", image_size: int = DEFAULT_IM
   """Generates the dataset into `data_dir` unless already there; returns the prepared builder.
 
   The config is named by `config_name(...)`, e.g. `multiclass6_s128_tr256_te64_seed0`, under
-  `data_dir/synthetic_rs/<config>/1.0.0`.
+  `data_dir/synthetic_rs/<config>/1.0.0`. `data_dir` may be a URL (`gs://...`): the dataset is
+  then generated locally and uploaded (`_common.prepare`).
 
   Raises:
     ValueError: unknown `task` (the message names the allowed ones) or empty splits.
   """
-  builder = get_builder(data_dir, task, image_size, num_train, num_test, seed)
-  builder.download_and_prepare()  # a no-op when the prepared files exist
-  return builder
+  # A no-op when the prepared files exist.
+  return _common.prepare(lambda d: get_builder(d, task, image_size, num_train, num_test, seed),
+                         data_dir)
 
 
 def data_source(data_dir: str, split: str, task: str = "multiclass6",

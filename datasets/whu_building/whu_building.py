@@ -11,7 +11,7 @@ label = mask != 0. Ids are image stems.
 """
 from __future__ import annotations
 
-from datasets import _common
+from idgbr_datasets import _common
 
 
 class WhuBuilding(_common.PairedFolderBuilder):

@@ -6,9 +6,18 @@ import os
 import sys
 
 import jax
-from absl import logging
+from absl import flags, logging
 
-_NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}", f"{os.sep}grain{os.sep}")
+from idgbr_jax.parallel import distributed
+
+# Multi-host: every command takes these (or IDGBR_COORDINATOR / IDGBR_NUM_PROCESSES /
+# IDGBR_PROCESS_ID; IDGBR_DISTRIBUTED=1 alone auto-detects on TPU pods, Slurm, Kubernetes).
+_COORDINATOR = flags.DEFINE_string("coordinator", None,
+                                   "host:port of process 0's coordinator (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+
+_NOISY = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "tensorflow_datasets", "grain"))
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -18,14 +27,17 @@ class _QuietLibraries(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in _NOISY)
 
 
-def setup(cache_dir: str | None = None) -> None:
-  """Multi-host init when asked, JAX's persistent compilation cache, logs to stderr.
+def setup(cache_dir: str | None = None, *, tensorflow: bool = True) -> None:
+  """Multi-host init when asked (flags or IDGBR_* variables, see `parallel.distributed`), JAX's
+  persistent compilation cache, logs to stderr.
+
+  `tensorflow=False` is for commands that never need TF (refine, export, convert): TF is then
+  not imported at all (it is ~1 GB of host memory and seconds of start-up).
 
   Set IDGBR_DISTRIBUTED=1 on every host of a TPU pod / Slurm job (see launch/): it calls
   `jax.distributed.initialize()`, which reads the coordinator from the environment.
   """
-  if os.environ.get("IDGBR_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cache_dir = cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(
       "~/.cache/idgbr_jax/xla")
   jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -39,6 +51,8 @@ def setup(cache_dir: str | None = None) -> None:
     tfds.disable_progress_bar()
   except ImportError:
     pass
+  if not tensorflow:
+    return
   try:  # TF is imported only for TFDS PNG coding / TensorBoard; keep it off accelerators.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     tf.config.set_visible_devices([], "GPU")

@@ -14,7 +14,10 @@ configs point at:
                     folder with --tokenizer    -> DST, a .npy of the empty-prompt context
                                                   (--config.init.context)
 
-Nothing is downloaded: every path is local.
+Nothing is downloaded from a model hub. --src, --dst and --tokenizer are local paths or URLs
+that etils.epath handles (gs://bucket/..., s3://...): e.g. convert straight from a bucket into
+one. (transformers only reads local folders, so --from=clip copies a remote text encoder and
+tokenizer into a temporary folder first.)
 """
 import sys
 
@@ -24,8 +27,9 @@ from idgbr_jax.commands import _runtime
 
 _FROM = flags.DEFINE_enum("from", None, ["diffusers", "dinov2", "idgbr", "clip"],
                           "Format of --src.")
-_SRC = flags.DEFINE_string("src", None, "Input folder or file.")
-_DST = flags.DEFINE_string("dst", None, "Output checkpoint directory (a .npy for --from=clip).")
+_SRC = flags.DEFINE_string("src", None, "Input folder or file (local or a gs:// URL).")
+_DST = flags.DEFINE_string("dst", None, "Output checkpoint directory (a .npy for --from=clip); "
+                           "local or a gs:// URL.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,
                                  "--from=clip: tokenizer folder, when --src has none.")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", None,
@@ -37,7 +41,7 @@ flags.mark_flags_as_required(["from", "src", "dst"])
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  _runtime.setup()
+  _runtime.setup(tensorflow=False)
   from idgbr_jax.convert import checkpoint_io, files  # pylint: disable=import-outside-toplevel
   try:
     written = checkpoint_io.convert_to_checkpoints(_FROM.value, _SRC.value, _DST.value,

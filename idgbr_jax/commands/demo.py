@@ -4,7 +4,7 @@ The whole method on the embedded synthetic dataset: Stage I -> coarse maps -> la
 -> autoencoder -> Stage II -> refined test maps, and a table of coarse vs refined metrics (also
 `DIR/report.json`). Every stage resumes / skips when its output already exists in DIR.
 """
-import json
+import importlib.util
 import os
 import time
 
@@ -13,9 +13,22 @@ from ml_collections import config_flags
 
 from idgbr_jax.commands import _runtime
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py")
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG),
-                                          "Demo config.", lock_config=True)
+
+def _default_config() -> str:
+  """configs/demo.py wherever it is installed (as the package `idgbr_configs`; a wheel puts it
+  in site-packages, not beside idgbr_jax/)."""
+  try:
+    spec = importlib.util.find_spec("idgbr_configs.demo")
+  except ModuleNotFoundError:
+    spec = None
+  if spec is not None and spec.origin:
+    return spec.origin
+  return os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                       "demo.py"))
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", _default_config(), "Demo config.",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo",
                                "Directory for everything the demo writes.")
 
@@ -30,7 +43,7 @@ def main(argv):
   _runtime.setup()
   # pylint: disable=import-outside-toplevel
   import jax
-  from idgbr_jax import metrics
+  from idgbr_jax import metrics, paths
   from idgbr_jax.data import sources
   from idgbr_jax.inference import refine as refine_lib
   from idgbr_jax.inference import stage1 as infer
@@ -39,13 +52,13 @@ def main(argv):
   config = _CONFIG.value
   workdir = common.ensure_workdir(_WORKDIR.value)
   s1, s2 = config.stage1, config.stage2
-  data_dir = s1.data.data_dir or os.path.join(workdir, "tensorflow_datasets")
-  coarse_dir = os.path.join(workdir, "coarse")
+  data_dir = s1.data.data_dir or paths.join(workdir, "tensorflow_datasets")
+  coarse_dir = paths.join(workdir, "coarse")
   with s1.unlocked(), s2.unlocked():
     s1.data.data_dir = s2.data.data_dir = data_dir
     s2.data.coarse_dir = coarse_dir
-    s2.init.label_embed = os.path.join(workdir, "label_embed")
-    s2.init.autoencoder = os.path.join(workdir, "autoencoder")
+    s2.init.label_embed = paths.join(workdir, "label_embed")
+    s2.init.autoencoder = paths.join(workdir, "autoencoder")
   t0 = time.time()
   num_classes = sources.num_classes(s1.data)
   n_train = len(sources.get_source(s1.data, s1.data.train_split))
@@ -53,35 +66,35 @@ def main(argv):
   _say(t0, f"dataset synthetic_rs/{s1.data.task}: {n_train} train / {n_test} test, "
        f"{s1.data.image_size}px, {num_classes} classes")
 
-  stage1_dir = os.path.join(workdir, "stage1")
+  stage1_dir = paths.join(workdir, "stage1")
   stage1.train_and_evaluate(s1, stage1_dir)
   _say(t0, f"stage I {s1.model.backbone}/{s1.model.variant} trained ({s1.num_train_steps} steps)")
   if config.num_folds:
-    infer.predict_cross_fitted(stage1_dir, coarse_dir, config.num_folds, s1)
+    stage1.predict_cross_fitted(stage1_dir, coarse_dir, config.num_folds, s1)
   else:
     infer.predict_split(stage1_dir, s1.data.train_split, coarse_dir, config=s1)
   infer.predict_split(stage1_dir, s1.data.eval_split, coarse_dir, config=s1)
   _say(t0, f"coarse maps -> {coarse_dir} (train split cross-fitted over {config.num_folds} "
        "folds)" if config.num_folds else f"coarse maps -> {coarse_dir}")
 
-  if not os.path.exists(os.path.join(s2.init.label_embed, "meta.json")):
+  if not paths.exists(paths.join(s2.init.label_embed, "meta.json")):
     le_cfg = config.label_embed
     with le_cfg.unlocked():
       le_cfg.num_classes = num_classes
     le = pretrain.train_label_embedding(le_cfg, s2.init.label_embed)
     _say(t0, f"label embedding trained (noisy-decode accuracy {le['accuracy']:.3f})")
-  if not os.path.exists(os.path.join(s2.init.autoencoder, "meta.json")):
+  if not paths.exists(paths.join(s2.init.autoencoder, "meta.json")):
     ae = pretrain.train_autoencoder(config.autoencoder, s2, s2.init.label_embed,
                                     s2.init.autoencoder)
     _say(t0, f"autoencoder trained (L1 {ae['l1']:.3f}, label round-trip pixel accuracy "
          f"{ae['label_accuracy']:.3f})")
 
-  stage2_dir = os.path.join(workdir, "stage2")
+  stage2_dir = paths.join(workdir, "stage2")
   out = stage2.train_and_evaluate(s2, stage2_dir)
   _say(t0, f"stage II trained ({s2.num_train_steps} steps)")
 
-  refined_dir = os.path.join(workdir, "refined", s2.data.eval_split)
-  autoencoded_dir = os.path.join(workdir, "autoencoded", s2.data.eval_split)
+  refined_dir = paths.join(workdir, "refined", s2.data.eval_split)
+  autoencoded_dir = paths.join(workdir, "autoencoded", s2.data.eval_split)
   ref, mesh = out["refiner"], out["mesh"]
   trainable, frozen = out["state"]["params"], out["frozen"]
   shardings = (jax.tree.map(lambda x: x.sharding, trainable),
@@ -90,16 +103,16 @@ def main(argv):
     fn = refine_lib.make_refine_fn(ref, s2, mesh, *shardings, autoencode_only=only_ae)
     for example_id, refined, _, _ in refine_lib.refine_dataset(
         fn, trainable, frozen, refine_lib.eval_split_dataset(s2), s2, mesh):
-      infer.write_png(os.path.join(out_dir, f"{example_id}.png"), refined)
+      infer.write_png(paths.join(out_dir, f"{example_id}.png"), refined)
   d = s2.diffusion
   _say(t0, f"refined test maps -> {refined_dir} ({d.num_inference_steps} DDIM steps at strength "
        f"{d.strength}, guidance {d.guidance_scale}); control without diffusion (coarse maps "
        f"through the autoencoder only) -> {autoencoded_dir}")
 
-  label_dir = os.path.join(workdir, "labels", s1.data.eval_split)
+  label_dir = paths.join(workdir, "labels", s1.data.eval_split)
   _export_labels(s1, s1.data.eval_split, label_dir)
   report = {}
-  coarse_split_dir = os.path.join(coarse_dir, s1.data.eval_split)
+  coarse_split_dir = paths.join(coarse_dir, s1.data.eval_split)
   for name, pred_dir in (("coarse", coarse_split_dir), ("refined", refined_dir),
                          ("coarse_autoencoded", autoencoded_dir)):
     # Refined maps and the control also get the repair analysis against the coarse maps.
@@ -107,10 +120,10 @@ def main(argv):
         pred_dir, label_dir, num_classes=num_classes, edge_size=config.edge_size,
         progress=False, coarse_dir=None if name == "coarse" else coarse_split_dir)
   report["seconds"] = round(time.time() - t0, 1)
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  if jax.process_index() == 0:
+    paths.write_json(paths.join(workdir, "report.json"), report)
   print(comparison_table(report))
-  _say(t0, f"report -> {os.path.join(workdir, 'report.json')}")
+  _say(t0, f"report -> {paths.join(workdir, 'report.json')}")
 
 
 def comparison_table(report) -> str:
@@ -148,8 +161,9 @@ def comparison_table(report) -> str:
 def _export_labels(cfg, split, out_dir):
   """Ground-truth index PNGs of a split, so the evaluation reads files like any user's."""
   from idgbr_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
+  from idgbr_jax import paths  # pylint: disable=import-outside-toplevel
   from idgbr_jax.inference.stage1 import write_png  # pylint: disable=import-outside-toplevel
   ds = pipeline.eval_dataset(cfg, split, sources.num_classes(cfg.data), normalize=False)
   for i in range(len(ds)):
     example = ds[i]
-    write_png(os.path.join(out_dir, f"{example['id']}.png"), example["label"])
+    write_png(paths.join(out_dir, f"{example['id']}.png"), example["label"])

@@ -9,7 +9,6 @@ With --coarse_dir (the maps that P refines, same stems) the report adds the orig
 repair analysis: IoU_RTm, IoU_RFm, IoU_imp of one class, and images per repair category.
 """
 
-import json
 import sys
 
 from absl import app
@@ -61,8 +60,8 @@ def main(argv):
     return 1
   print(metrics.format_report(report))
   if FLAGS.output:
-    with open(FLAGS.output, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    from idgbr_jax import paths  # pylint: disable=import-outside-toplevel
+    paths.write_json(FLAGS.output, report)
     print(f"wrote {FLAGS.output}")
   return 0
 

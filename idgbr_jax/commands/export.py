@@ -9,6 +9,8 @@ Writes our weights for PyTorch:
   --to=idgbr      the original IDGBR layout, loadable by its code: DST/unet_gen,
                   DST/interact_net, DST/label_embed_net, DST/vae, DST/projectors.safetensors
 
+--checkpoint and --dst are local paths or URLs that etils.epath handles (gs://bucket/...).
+
 import(export(p)) == p exactly (tested).
 """
 import sys
@@ -18,16 +20,17 @@ from absl import flags
 from idgbr_jax.commands import _runtime
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Params checkpoint or Stage II run directory.")
+                                  "Params checkpoint or Stage II run directory (local or a "
+                                  "gs:// URL).")
 _TO = flags.DEFINE_enum("to", None, ["diffusers", "idgbr"], "Output format.")
-_DST = flags.DEFINE_string("dst", None, "Output folder.")
+_DST = flags.DEFINE_string("dst", None, "Output folder (local or a gs:// URL).")
 flags.mark_flags_as_required(["checkpoint", "to", "dst"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  _runtime.setup()
+  _runtime.setup(tensorflow=False)
   # pylint: disable=import-outside-toplevel
   from idgbr_jax import checkpoints
   from idgbr_jax.convert import checkpoint_io, files

@@ -4,7 +4,6 @@ Writes Stage I coarse maps as index PNGs `<out_dir>/<split>/<id>.png` (default
 `<workdir>/coarse`). `--num_folds=K` cross-fits the train split (K fold models are trained
 under `<workdir>/folds/` if missing) so train coarse maps look like test ones.
 """
-import os
 
 from absl import flags
 
@@ -22,13 +21,14 @@ def main(argv):
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   _runtime.setup()
   from idgbr_jax.inference import stage1 as infer  # pylint: disable=import-outside-toplevel
-  from idgbr_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  workdir = os.path.abspath(_WORKDIR.value)
-  out_dir = _OUT_DIR.value or os.path.join(workdir, "coarse")
-  config = checkpoints.load_config(os.path.join(workdir, "checkpoints"))
+  from idgbr_jax import checkpoints, paths  # pylint: disable=import-outside-toplevel
+  workdir = str(paths.resolve(_WORKDIR.value))
+  out_dir = _OUT_DIR.value or paths.join(workdir, "coarse")
+  config = checkpoints.load_config(paths.join(workdir, "checkpoints"))
   for split in _SPLITS.value:
     if split == config.data.train_split and _NUM_FOLDS.value:
-      n = infer.predict_cross_fitted(workdir, out_dir, _NUM_FOLDS.value, config)
+      from idgbr_jax.train import stage1  # pylint: disable=import-outside-toplevel
+      n = stage1.predict_cross_fitted(workdir, out_dir, _NUM_FOLDS.value, config)
     else:
       n = infer.predict_split(workdir, split, out_dir, config=config)
-    print(f"{split}: {n} coarse maps -> {os.path.join(out_dir, split)}")
+    print(f"{split}: {n} coarse maps -> {paths.join(out_dir, split)}")

@@ -27,28 +27,30 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def _read(path: str, what: str) -> np.ndarray:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from idgbr_jax import paths  # pylint: disable=import-outside-toplevel
   try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB") if what == "image" else im)
+    im = paths.read_image(path)
+    return np.asarray(im.convert("RGB") if what == "image" else im)
   except Exception as e:  # noqa: BLE001 - reported with the file name
     raise ValueError(f"cannot read {what} {path}: {e}") from e
 
 
 def pair_files(images_dir: str, coarse_dir: str) -> list[tuple[str, str, str]]:
   """(stem, image path, coarse path) for every image; a missing coarse map is an error."""
+  from idgbr_jax import paths  # pylint: disable=import-outside-toplevel
   for d in (images_dir, coarse_dir):
-    if not os.path.isdir(d):
+    if not paths.isdir(d):
       raise ValueError(f"directory not found: {d}")
+  coarse_names = set(paths.listdir(coarse_dir))
   pairs = []
-  for name in sorted(os.listdir(images_dir)):
+  for name in paths.listdir(images_dir):
     stem, ext = os.path.splitext(name)
     if ext.lower() not in IMAGE_EXTENSIONS:
       continue
-    coarse = os.path.join(coarse_dir, stem + ".png")
-    if not os.path.exists(coarse):
+    coarse = paths.join(coarse_dir, stem + ".png")
+    if stem + ".png" not in coarse_names:
       raise ValueError(f"no coarse map for image {name}: {coarse} is missing")
-    pairs.append((stem, os.path.join(images_dir, name), coarse))
+    pairs.append((stem, paths.join(images_dir, name), coarse))
   if not pairs:
     raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}")
   return pairs
@@ -57,9 +59,11 @@ def pair_files(images_dir: str, coarse_dir: str) -> list[tuple[str, str, str]]:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  _runtime.setup()
+  _runtime.setup(tensorflow=False)
   # pylint: disable=import-outside-toplevel
   import jax
+  from idgbr_jax import paths
+  from idgbr_jax.assembly import stage2 as assembly
   from idgbr_jax.data import transforms
   from idgbr_jax.inference import refine as refine_lib
   from idgbr_jax.inference.stage1 import write_png
@@ -68,7 +72,7 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  ref, trainable, frozen, config, mesh = refine_lib.load(os.path.abspath(_CHECKPOINT.value))
+  ref, trainable, frozen, config, mesh = assembly.load_refiner(_CHECKPOINT.value)
   with config.unlocked():
     if _NUM_STEPS.value is not None:
       config.diffusion.num_inference_steps = _NUM_STEPS.value
@@ -98,11 +102,12 @@ def main(argv):
   refine_fn = refine_lib.make_refine_fn(ref, config, mesh,
                                         jax.tree.map(lambda x: x.sharding, trainable),
                                         jax.tree.map(lambda x: x.sharding, frozen))
-  os.makedirs(_OUT.value, exist_ok=True)
+  paths.makedirs(_OUT.value)
   n = 0
   for stem, refined, _, _ in refine_lib.refine_dataset(refine_fn, trainable, frozen, examples,
                                                       config, mesh):
-    write_png(os.path.join(_OUT.value, f"{stem}.png"), refined)
+    if jax.process_index() == 0:  # every process holds every map; one writes it
+      write_png(paths.join(_OUT.value, f"{stem}.png"), refined)
     n += 1
   print(f"refined {n} maps -> {_OUT.value} ({config.diffusion.num_inference_steps} DDIM steps, "
         f"guidance {config.diffusion.guidance_scale})")

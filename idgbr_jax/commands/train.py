@@ -18,13 +18,23 @@ STAGES = {
 }
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
-  _runtime.setup()
-  config = _CONFIG.value
+def run(config, workdir: str) -> dict:
+  """Trains `config.stage`; after a preemption notice (SIGTERM) prints where to resume. The
+  process then exits 0: the work is saved, and rerunning the same command resumes it."""
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r}; allowed: {sorted(STAGES)}")
   import importlib  # pylint: disable=import-outside-toplevel
   trainer = importlib.import_module(STAGES[config.stage])
-  trainer.train_and_evaluate(config, _WORKDIR.value)
+  out = trainer.train_and_evaluate(config, workdir)
+  if out.get("preempted_at") is not None:
+    from idgbr_jax.train import preemption  # pylint: disable=import-outside-toplevel
+    print(preemption.resume_message(out["preempted_at"], out["checkpoint_dir"]), flush=True)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  _runtime.setup()
+  run(_CONFIG.value, _WORKDIR.value)
+  return 0

@@ -19,14 +19,17 @@ from idgbr_jax.convert.clip_context import empty_prompt_context, save_context
 from idgbr_jax.convert.diffusers_folder import load_diffusers, save_diffusers
 from idgbr_jax.convert.dinov2 import load_dinov2
 from idgbr_jax.convert.files import ConversionError, read_state_dict, write_safetensors
-from idgbr_jax.convert.idgbr import (IdgbrParts, export_idgbr, guidance_params_to_torch,
+from idgbr_jax.convert.idgbr import (IdgbrParts, export_idgbr, guidance_params_from_torch,
+                                     guidance_params_to_torch, label_embed_params_from_torch,
                                      label_embed_params_to_torch, load_idgbr, load_interactnet,
-                                     load_label_embed, load_projector, projector_params_to_torch)
+                                     load_label_embed, load_projector, projector_params_from_torch,
+                                     projector_params_to_torch)
 
 __all__ = [
     "ConversionError", "IdgbrParts", "empty_prompt_context", "export_idgbr",
-    "guidance_params_to_torch", "label_embed_params_to_torch", "load_diffusers", "load_dinov2",
-    "load_idgbr", "load_interactnet", "load_label_embed", "load_projector",
+    "guidance_params_from_torch", "guidance_params_to_torch", "label_embed_params_from_torch",
+    "label_embed_params_to_torch", "load_diffusers", "load_dinov2", "load_idgbr",
+    "load_interactnet", "load_label_embed", "load_projector", "projector_params_from_torch",
     "projector_params_to_torch", "read_state_dict", "save_context", "save_diffusers",
     "write_safetensors",
 ]

@@ -8,65 +8,37 @@
 
 `export_checkpoint` reads a params checkpoint or a Stage II run directory and writes diffusers
 folders or the original IDGBR layout.
+
+Every source and destination is a local path or a URL that `etils.epath` handles (`gs://...`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import numpy as np
 
+from idgbr_jax import paths
 from idgbr_jax.convert import clip_context, diffusers_folder, files, idgbr
 from idgbr_jax.convert import dinov2 as dinov2_convert
 from idgbr_jax.convert.files import ConversionError
-from idgbr_jax.models import autoencoder, denoiser, dinov2, guidance, label_embedding
+from idgbr_jax.assembly import parts
+from idgbr_jax.checkpoints import CheckpointError
+from idgbr_jax.models import denoiser
 
 FORMATS = ("diffusers", "dinov2", "idgbr", "clip")
 EXPORT_FORMATS = ("diffusers", "idgbr")
-
-CONFIG_CLASSES = {
-    "denoiser": denoiser.DenoiserConfig,
-    "autoencoder": autoencoder.AutoencoderConfig,
-    "label_embed": label_embedding.LabelEmbedConfig,
-    "dinov2": dinov2.DinoV2Config,
-    "guidance": guidance.GuidanceConfig,
-}
-
-
-def kind_of(config) -> str:
-  for kind, cls in CONFIG_CLASSES.items():
-    if isinstance(config, cls):
-      return kind
-  raise TypeError(f"no checkpoint kind for {type(config).__name__}")
-
-
-def config_from_meta(meta: dict[str, Any], where: str = "meta.json"):
-  """The architecture dataclass recorded in a params checkpoint's meta.json."""
-  kind = meta.get("kind")
-  if kind == "projector":
-    return dict(meta["config"])
-  if kind not in CONFIG_CLASSES:
-    raise ConversionError(f"{where}: unknown checkpoint kind {kind!r}")
-  cls = CONFIG_CLASSES[kind]
-  fields = {f.name for f in dataclasses.fields(cls)}
-  cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()
-         if k in fields}
-  return cls(**cfg)
-
 
 def save_checkpoint(directory: str, config, params, source: str) -> str:
   """A params checkpoint with meta {"kind", "config", "source"} (float32 numpy leaves)."""
   from idgbr_jax.checkpoints import params as params_ckpt  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  if isinstance(config, dict):  # projector
-    kind, cfg = "projector", config
-  else:
-    kind, cfg = kind_of(config), dataclasses.asdict(config)
+  kind = parts.kind_of(config)
+  cfg = config if kind == parts.PROJECTOR else dataclasses.asdict(config)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   params_ckpt.save_params(directory, params, {"kind": kind, "config": cfg,
-                                              "source": os.path.abspath(source)})
-  return os.path.abspath(directory)
+                                              "source": os.fspath(paths.resolve(source))})
+  return os.fspath(paths.resolve(directory))
 
 
 def convert_to_checkpoints(source_format: str, src: str, dst: str, *,
@@ -88,7 +60,7 @@ def convert_to_checkpoints(source_format: str, src: str, dst: str, *,
   src, dst = os.fspath(src), os.fspath(dst)
   if source_format not in FORMATS:
     raise ConversionError(f"unknown source format {source_format!r}; known: {FORMATS}")
-  if not os.path.exists(src):
+  if not paths.exists(src):
     raise ConversionError(f"{src}: not found")
   if source_format == "clip":
     return {"context": clip_context.save_context(
@@ -114,15 +86,15 @@ def convert_to_checkpoints(source_format: str, src: str, dst: str, *,
     module, params = part
     config = ({"hidden_dim": module.hidden_dim, "out_dim": module.out_dim}
               if name == "projector" else module.config)
-    out[name] = save_checkpoint(os.path.join(dst, name), config, params, src)
+    out[name] = save_checkpoint(files.join(dst, name), config, params, src)
   return out
 
 
 def _is_label_embed(src: str) -> bool:
-  if os.path.isfile(src):
+  if files.is_file(src):
     return src.endswith(".safetensors")
-  cfg = os.path.join(src, "config.json")
-  return os.path.isfile(cfg) and files.read_json(cfg).get("_class_name") == "LabelEmbedNet"
+  cfg = files.join(src, "config.json")
+  return files.is_file(cfg) and files.read_json(cfg).get("_class_name") == "LabelEmbedNet"
 
 
 # ----- export ------------------------------------------------------------------------------------
@@ -130,7 +102,10 @@ def _is_label_embed(src: str) -> bool:
 def _load_params_checkpoint(directory: str):
   from idgbr_jax.checkpoints import params as params_ckpt  # pylint: disable=import-outside-toplevel
   meta = params_ckpt.load_meta(directory)
-  config = config_from_meta(meta, os.path.join(directory, "meta.json"))
+  try:
+    config = parts.config_from_meta(meta, files.join(directory, "meta.json"))
+  except CheckpointError as e:
+    raise ConversionError(str(e)) from e
   params = params_ckpt.load_params(directory)
   return meta["kind"], config, params
 
@@ -152,9 +127,9 @@ def export_checkpoint(checkpoint: str, to: str, dst: str) -> dict[str, str]:
   if to not in EXPORT_FORMATS:
     raise ConversionError(f"unknown export format {to!r}; known: {EXPORT_FORMATS}")
   checkpoint, dst = os.fspath(checkpoint), os.fspath(dst)
-  if os.path.isfile(os.path.join(checkpoint, "meta.json")):
+  if files.is_file(files.join(checkpoint, "meta.json")):
     return _export_params_checkpoint(checkpoint, to, dst)
-  if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+  if files.is_dir(files.join(checkpoint, "checkpoints")):
     return _export_stage2(checkpoint, to, dst)
   raise ConversionError(f"{checkpoint}: neither a params checkpoint (meta.json) nor a Stage II "
                         "run directory (checkpoints/)")
@@ -173,23 +148,24 @@ def _export_params_checkpoint(checkpoint: str, to: str, dst: str) -> dict[str, s
   if kind == "guidance":
     return {kind: idgbr.save_interactnet(dst, config, params)}
   if kind == "projector":
-    os.makedirs(dst, exist_ok=True)
-    return {kind: files.write_safetensors(os.path.join(dst, idgbr.PROJECTOR_FILE),
+    paths.makedirs(dst)
+    return {kind: files.write_safetensors(files.join(dst, idgbr.PROJECTOR_FILE),
                                           idgbr.projector_params_to_torch(params))}
   raise ConversionError(f"{checkpoint}: no export for a {kind!r} checkpoint (DINOv2 is only "
                         "imported; use the original .pth)")
 
 
 def _export_stage2(workdir: str, to: str, dst: str) -> dict[str, str]:
-  from idgbr_jax.inference import refine  # pylint: disable=import-outside-toplevel
+  from idgbr_jax.assembly import stage2  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  ref, trainable, frozen, _, _ = refine.load(os.path.abspath(workdir))
+  ref, trainable, frozen, _, _ = stage2.load_refiner(os.fspath(paths.resolve(workdir)),
+                                                     with_projector=to == "idgbr")
   host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))  # noqa: E731
   cfg = ref.config
   if to == "diffusers":
-    return {"unet": diffusers_folder.save_diffusers(os.path.join(dst, "unet"), cfg.denoiser,
+    return {"unet": diffusers_folder.save_diffusers(files.join(dst, "unet"), cfg.denoiser,
                                                     host(trainable["unet"])),
-            "vae": diffusers_folder.save_diffusers(os.path.join(dst, "vae"), cfg.autoencoder,
+            "vae": diffusers_folder.save_diffusers(files.join(dst, "vae"), cfg.autoencoder,
                                                    host(frozen["vae"]))}
   path = idgbr.export_idgbr(
       dst, unet_config=cfg.denoiser, unet_params=host(trainable["unet"]),
@@ -197,10 +173,10 @@ def _export_stage2(workdir: str, to: str, dst: str) -> dict[str, str]:
       projector_params=host(trainable["projector"]) if "projector" in trainable else None,
       label_embed_params=host(frozen["label_embed"]), vae_config=cfg.autoencoder,
       vae_params=host(frozen["vae"]))
-  out = {"unet": os.path.join(path, idgbr.UNET_DIR),
-         "guidance": os.path.join(path, idgbr.GUIDANCE_DIR),
-         "label_embed": os.path.join(path, idgbr.LABEL_EMBED_DIR),
-         "vae": os.path.join(path, idgbr.VAE_DIR)}
+  out = {"unet": files.join(path, idgbr.UNET_DIR),
+         "guidance": files.join(path, idgbr.GUIDANCE_DIR),
+         "label_embed": files.join(path, idgbr.LABEL_EMBED_DIR),
+         "vae": files.join(path, idgbr.VAE_DIR)}
   if "projector" in trainable:
-    out["projector"] = os.path.join(path, idgbr.PROJECTOR_FILE)
+    out["projector"] = files.join(path, idgbr.PROJECTOR_FILE)
   return out

@@ -3,43 +3,47 @@
 IDGBR conditions every UNet call on the CLIP ViT-L/14 states of the prompt "" (77 x 768 for
 SD-1.5): `text_encoder(tokenizer([""], padding="max_length", max_length=77,
 truncation=True).input_ids)[0]`, i.e. `last_hidden_state`, no attention mask. It is a constant,
-so this module computes it with transformers' `CLIPTextModel` (PyTorch, float32) from local
-folders and stores it as a `.npy` that Stage II configs point at (`config.init.context`). No
-Flax CLIP model is needed.
+so this module computes it with transformers' `CLIPTextModel` (PyTorch, float32) from model
+folders (local, or a URL such as `gs://...`: transformers only opens local folders, so a remote
+one is copied to a temporary folder first) and stores it as a `.npy` that Stage II configs point
+at (`config.init.context`). No Flax CLIP model is needed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 
+from idgbr_jax import paths
 from idgbr_jax.convert import files
 from idgbr_jax.convert.files import ConversionError
 
 
 def _resolve(src: str, tokenizer: str | None) -> tuple[str, str]:
   """(text_encoder folder, tokenizer folder) from a pipeline root or a text-encoder folder."""
-  if os.path.isdir(os.path.join(src, "text_encoder")):
-    enc = os.path.join(src, "text_encoder")
-    tok = tokenizer or os.path.join(src, "tokenizer")
+  if files.is_dir(files.join(src, "text_encoder")):
+    enc = files.join(src, "text_encoder")
+    tok = tokenizer or files.join(src, "tokenizer")
   else:
     enc, tok = src, tokenizer
-  if not os.path.isfile(os.path.join(enc, "config.json")):
-    raise ConversionError(f"{os.path.join(enc, 'config.json')}: not found (pass a Stable "
-                          "Diffusion folder with text_encoder/ and tokenizer/, or a "
-                          "CLIPTextModel folder plus --tokenizer)")
-  model_type = files.read_json(os.path.join(enc, "config.json")).get("model_type")
+  config_json = files.join(enc, "config.json")
+  if not files.is_file(config_json):
+    raise ConversionError(f"{config_json}: not found (pass a Stable Diffusion folder with "
+                          "text_encoder/ and tokenizer/, or a CLIPTextModel folder plus "
+                          "--tokenizer)")
+  model_type = files.read_json(config_json).get("model_type")
   if model_type not in ("clip_text_model", "clip"):
-    raise ConversionError(f"{os.path.join(enc, 'config.json')}: model_type {model_type!r} is not "
-                          "a CLIP text encoder ('clip_text_model')")
+    raise ConversionError(f"{config_json}: model_type {model_type!r} is not a CLIP text "
+                          "encoder ('clip_text_model')")
   if tok is None:
-    if os.path.isfile(os.path.join(enc, "vocab.json")):
+    if files.is_file(files.join(enc, "vocab.json")):
       tok = enc
     else:
       raise ConversionError(f"{enc}: no tokenizer given and no vocab.json here (pass the "
                             "tokenizer folder)")
-  if not os.path.isfile(os.path.join(tok, "vocab.json")):
-    raise ConversionError(f"{os.path.join(tok, 'vocab.json')}: not found (not a CLIP tokenizer "
+  if not files.is_file(files.join(tok, "vocab.json")):
+    raise ConversionError(f"{files.join(tok, 'vocab.json')}: not found (not a CLIP tokenizer "
                           "folder)")
   return enc, tok
 
@@ -61,10 +65,14 @@ def empty_prompt_context(src: str | os.PathLike, tokenizer: str | os.PathLike | 
     raise ConversionError("computing the CLIP context needs torch and transformers "
                           "(the `torch` extra)") from e
   enc_dir, tok_dir = _resolve(os.fspath(src), None if tokenizer is None else os.fspath(tokenizer))
-  # The original uses the slow tokenizer (use_fast=False); for "" both give BOS, EOS, pad...
-  tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
-  model = CLIPTextModel.from_pretrained(enc_dir, local_files_only=True,
-                                        torch_dtype=torch.float32).eval()
+  with contextlib.ExitStack() as stack:  # transformers reads local folders only
+    local_tok = stack.enter_context(paths.local_copy(tok_dir))
+    local_enc = (local_tok if enc_dir == tok_dir else
+                 stack.enter_context(paths.local_copy(enc_dir)))
+    # The original uses the slow tokenizer (use_fast=False); for "" both give BOS, EOS, pad...
+    tok = CLIPTokenizer.from_pretrained(local_tok, local_files_only=True)
+    model = CLIPTextModel.from_pretrained(local_enc, local_files_only=True,
+                                          torch_dtype=torch.float32).eval()
   ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
             return_tensors="pt").input_ids
   if ids.shape[1] > model.config.max_position_embeddings:
@@ -76,11 +84,10 @@ def empty_prompt_context(src: str | os.PathLike, tokenizer: str | os.PathLike | 
 
 
 def save_context(dst: str | os.PathLike, context: np.ndarray) -> str:
-  """Writes the context as `.npy` (float32, (1, L, D))."""
+  """Writes the context as `.npy` (float32, (1, L, D)), locally or to a URL."""
   dst = os.fspath(dst)
   if not dst.endswith(".npy"):
     raise ConversionError(f"{dst}: the context is written as a .npy file; give a path ending "
                           "in .npy")
-  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  np.save(dst, np.asarray(context, np.float32))
+  paths.save_npy(dst, np.asarray(context, np.float32))
   return dst

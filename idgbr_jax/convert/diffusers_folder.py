@@ -4,6 +4,10 @@
     module, params = load_diffusers("sd-v1-5/vae")    # AutoencoderKL
     save_diffusers("out/unet", module.config, params) # loads with diffusers' from_pretrained
 
+config.json <-> our configs: `denoiser_config_from_diffusers` / `unet_config_json` (UNet) and
+`autoencoder_config_from_diffusers` / `vae_config_json` (VAE); the state dicts go through
+`diffusers_unet` / `diffusers_vae`.
+
 The kind comes from `_class_name` in config.json. The original IDGBR saves its trained denoiser
 as `UNet2DConditionNewModel` (a subclass that only adds methods), which is read as a UNet.
 Architecture fields this port adds (`remat`, `attention_implementation`, the VAE's
@@ -18,9 +22,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from idgbr_jax import paths
 from idgbr_jax.convert import diffusers_unet, diffusers_vae, files
 from idgbr_jax.convert.files import ConversionError
-from idgbr_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from idgbr_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, replace_checked
 from idgbr_jax.models.denoiser import DenoiserConfig, UNet2DConditionModel
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -31,16 +36,226 @@ UNET_CLASSES = ("UNet2DConditionModel", "UNet2DConditionNewModel")
 VAE_CLASSES = ("AutoencoderKL",)
 
 
+# ----- config.json <-> DenoiserConfig / AutoencoderConfig ----------------------------------------
+
+def denoiser_config_from_diffusers(config_json: Mapping[str, Any],
+                                   **overrides) -> DenoiserConfig:
+  """Builds a config from a diffusers `UNet2DConditionModel` `config.json` dict.
+
+  Keys starting with '_' and `sample_size` are informational and ignored. Keys that change the
+  architecture in ways `models.denoiser` does not implement must have their default value.
+
+  Raises:
+    ValueError: naming every unknown key and every unsupported (key, value).
+  """
+  cfg = dict(config_json)
+  class_name = cfg.get("_class_name", "UNet2DConditionModel")
+  if class_name != "UNet2DConditionModel":
+    raise ValueError(f"_class_name {class_name!r} is not UNet2DConditionModel")
+  cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "sample_size"}
+  problems = []
+  for key, allowed in _DIFFUSERS_FIXED.items():
+    if key in cfg:
+      value = cfg.pop(key)
+      if value not in allowed:
+        problems.append(f"{key}={value!r} (supported: {allowed})")
+  heads = cfg.pop("num_attention_heads", None)
+  head_dim = cfg.pop("attention_head_dim", 8)
+  # diffusers: num_attention_heads = num_attention_heads or attention_head_dim (naming bug #2011).
+  heads = heads if heads is not None else head_dim
+  kwargs = {"num_heads": tuple(heads) if isinstance(heads, (list, tuple)) else int(heads)}
+  for key in _DIFFUSERS_MAPPED:
+    if key in cfg:
+      kwargs[key] = cfg.pop(key)
+  cross = kwargs.get("cross_attention_dim")
+  if isinstance(cross, (list, tuple)):
+    if len(set(cross)) != 1:
+      problems.append(f"cross_attention_dim={cross!r} (per-block widths not supported)")
+    else:
+      kwargs["cross_attention_dim"] = cross[0]
+  tl = kwargs.get("transformer_layers_per_block")
+  if isinstance(tl, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in tl):
+    problems.append(f"transformer_layers_per_block={tl!r} (nested per-layer lists unsupported)")
+  if cfg:
+    problems.append(f"unknown keys {sorted(cfg)}")
+  if problems:
+    raise ValueError("unsupported diffusers UNet config: " + "; ".join(problems))
+  for key in ("block_out_channels", "down_block_types", "up_block_types",
+              "transformer_layers_per_block"):
+    if isinstance(kwargs.get(key), list):
+      kwargs[key] = tuple(kwargs[key])
+  if isinstance(kwargs.get("layers_per_block"), (list, tuple)):
+    lpb = set(kwargs["layers_per_block"])
+    if len(lpb) != 1:
+      raise ValueError(f"unsupported diffusers UNet config: per-block layers_per_block "
+                       f"{kwargs['layers_per_block']!r}")
+    kwargs["layers_per_block"] = lpb.pop()
+  kwargs.update(overrides)
+  return DenoiserConfig(**kwargs)
+
+
+# diffusers keys copied straight into DenoiserConfig.
+_DIFFUSERS_MAPPED = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                     "down_block_types", "up_block_types", "cross_attention_dim", "norm_num_groups",
+                     "norm_eps", "flip_sin_to_cos", "freq_shift", "use_linear_projection",
+                     "transformer_layers_per_block", "upcast_attention")
+
+# diffusers keys whose value must be one of these (their defaults): anything else changes the
+# architecture in a way `models.denoiser` does not implement.
+_DIFFUSERS_FIXED: dict[str, tuple] = {
+    "center_input_sample": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "only_cross_attention": (False,),
+    "downsample_padding": (1,),
+    "mid_block_scale_factor": (1, 1.0),
+    "dropout": (0, 0.0),
+    "act_fn": ("silu",),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "num_class_embeds": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1, 1.0),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+    "addition_embed_type_num_heads": (64,),  # unused without addition_embed_type
+}
+
+
+def unet_config_json(config: DenoiserConfig, class_name: str = "UNet2DConditionModel",
+                     sample_size: int = 64) -> dict[str, Any]:
+  """diffusers `config.json` for a denoiser config (inverse of
+  `denoiser_config_from_diffusers`).
+
+  The head count goes to `attention_head_dim`, as SD-1.x configs do (diffusers reads it as the
+  number of heads when `num_attention_heads` is absent)."""
+  heads = config.num_heads
+  tl = config.transformer_layers_per_block
+  return {
+      "_class_name": class_name,
+      "_diffusers_version": DIFFUSERS_VERSION,
+      "act_fn": "silu",
+      "attention_head_dim": list(heads) if isinstance(heads, tuple) else int(heads),
+      "block_out_channels": list(config.block_out_channels),
+      "center_input_sample": False,
+      "cross_attention_dim": int(config.cross_attention_dim),
+      "down_block_types": list(config.down_block_types),
+      "downsample_padding": 1,
+      "flip_sin_to_cos": bool(config.flip_sin_to_cos),
+      "freq_shift": config.freq_shift,
+      "in_channels": int(config.in_channels),
+      "layers_per_block": int(config.layers_per_block),
+      "mid_block_scale_factor": 1,
+      "norm_eps": float(config.norm_eps),
+      "norm_num_groups": int(config.norm_num_groups),
+      "out_channels": int(config.out_channels),
+      "sample_size": int(sample_size),
+      "transformer_layers_per_block": list(tl) if isinstance(tl, tuple) else int(tl),
+      "up_block_types": list(config.up_block_types),
+      "upcast_attention": bool(config.upcast_attention),
+      "use_linear_projection": bool(config.use_linear_projection),
+  }
+
+
+def autoencoder_config_from_diffusers(config_json: Mapping[str, Any] | str | os.PathLike,
+                                      **overrides) -> AutoencoderConfig:
+  """Builds a config from a diffusers `AutoencoderKL` config (dict or path to config.json).
+
+  Keys absent from the dict take diffusers' `AutoencoderKL.__init__` defaults (old SD-1.5
+  configs omit e.g. `scaling_factor`). Settings this port does not implement raise ValueError.
+
+  Args:
+    config_json: the parsed config.json, or its path.
+    **overrides: fields that diffusers does not record (`sample_posterior`, `remat`, ...).
+  """
+  if not isinstance(config_json, Mapping):
+    config_json = paths.read_json(config_json)
+  cfg = dict(config_json)
+  class_name = cfg.get("_class_name", "AutoencoderKL")
+  if class_name != "AutoencoderKL":
+    raise ValueError(f"expected an AutoencoderKL config, got _class_name={class_name!r}")
+  block_out_channels = tuple(cfg.get("block_out_channels", (64,)))
+  n = len(block_out_channels)
+  down = tuple(cfg.get("down_block_types", ("DownEncoderBlock2D",) * n))
+  up = tuple(cfg.get("up_block_types", ("UpDecoderBlock2D",) * n))
+  if down != ("DownEncoderBlock2D",) * n:
+    raise ValueError(f"unsupported down_block_types {down}: need {n} x 'DownEncoderBlock2D'")
+  if up != ("UpDecoderBlock2D",) * n:
+    raise ValueError(f"unsupported up_block_types {up}: need {n} x 'UpDecoderBlock2D'")
+  if cfg.get("act_fn", "silu") != "silu":
+    raise ValueError(f"unsupported act_fn {cfg['act_fn']!r}: only 'silu'")
+  for key in ("shift_factor", "latents_mean", "latents_std"):
+    if cfg.get(key) is not None:
+      raise ValueError(f"unsupported diffusers setting {key}={cfg[key]!r} (not SD-1.5 layout)")
+  fields = dict(
+      in_channels=int(cfg.get("in_channels", 3)),
+      out_channels=int(cfg.get("out_channels", 3)),
+      block_out_channels=block_out_channels,
+      layers_per_block=int(cfg.get("layers_per_block", 1)),
+      latent_channels=int(cfg.get("latent_channels", 4)),
+      norm_num_groups=int(cfg.get("norm_num_groups", 32)),
+      scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
+      mid_block_attention=bool(cfg.get("mid_block_add_attention", True)),
+      use_quant_conv=bool(cfg.get("use_quant_conv", True)),
+      use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
+  )
+  return replace_checked(AutoencoderConfig(**fields), overrides)
+
+
+def vae_config_json(config: AutoencoderConfig, sample_size: int = 512) -> dict[str, Any]:
+  """diffusers `config.json` for an autoencoder config (inverse of
+  `autoencoder_config_from_diffusers`)."""
+  if config.norm_eps != 1e-6:
+    raise ConversionError(f"AutoencoderConfig.norm_eps={config.norm_eps}: diffusers' "
+                          "AutoencoderKL hard-codes 1e-6, so this model has no diffusers twin")
+  n = len(config.block_out_channels)
+  return {
+      "_class_name": "AutoencoderKL",
+      "_diffusers_version": DIFFUSERS_VERSION,
+      "act_fn": "silu",
+      "block_out_channels": list(config.block_out_channels),
+      "down_block_types": ["DownEncoderBlock2D"] * n,
+      "in_channels": int(config.in_channels),
+      "latent_channels": int(config.latent_channels),
+      "layers_per_block": int(config.layers_per_block),
+      "mid_block_add_attention": bool(config.mid_block_attention),
+      "norm_num_groups": int(config.norm_num_groups),
+      "out_channels": int(config.out_channels),
+      "sample_size": int(sample_size),
+      "scaling_factor": float(config.scaling_factor),
+      "up_block_types": ["UpDecoderBlock2D"] * n,
+      "use_post_quant_conv": bool(config.use_post_quant_conv),
+      "use_quant_conv": bool(config.use_quant_conv),
+  }
+
+
+# ----- import ------------------------------------------------------------------------------------
+
 def read_config(path: str) -> dict[str, Any]:
   """`<path>/config.json` of a model folder, with a clear error for a pipeline root."""
-  if not os.path.isdir(path):
+  if not files.is_dir(path):
     raise ConversionError(f"{path}: not a directory (expected a diffusers model folder with "
                           "config.json)")
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    subdirs = [d for d in ("unet", "vae", "text_encoder") if os.path.isdir(os.path.join(path, d))]
+  config_path = files.join(path, "config.json")
+  if not files.is_file(config_path):
+    subdirs = [d for d in ("unet", "vae", "text_encoder") if files.is_dir(files.join(path, d))]
     hint = (f"; this looks like a pipeline folder, pass one of its model folders: "
-            f"{[os.path.join(path, d) for d in subdirs]}" if subdirs else "")
+            f"{[files.join(path, d) for d in subdirs]}" if subdirs else "")
     raise ConversionError(f"{config_path}: not found{hint}")
   return files.read_json(config_path)
 
@@ -59,8 +274,8 @@ def model_kind(config_json: Mapping[str, Any], where: str = "config.json") -> st
 def _config_from_json(kind: str, cfg: Mapping[str, Any], where: str):
   try:
     if kind == "unet":
-      return DenoiserConfig.from_diffusers({**cfg, "_class_name": "UNet2DConditionModel"})
-    return AutoencoderConfig.from_diffusers(dict(cfg))
+      return denoiser_config_from_diffusers({**cfg, "_class_name": "UNet2DConditionModel"})
+    return autoencoder_config_from_diffusers(dict(cfg))
   except ValueError as e:
     raise ConversionError(f"{where}: {e}") from e
 
@@ -105,7 +320,7 @@ def load_diffusers(path: str | os.PathLike, *, dtype=None, **config_overrides):
   """
   path = os.fspath(path)
   cfg_json = read_config(path)
-  where = os.path.join(path, "config.json")
+  where = files.join(path, "config.json")
   kind = model_kind(cfg_json, where)
   config = _config_from_json(kind, cfg_json, where)
   if config_overrides:
@@ -121,66 +336,6 @@ def load_diffusers(path: str | os.PathLike, *, dtype=None, **config_overrides):
 
 
 # ----- export ------------------------------------------------------------------------------------
-
-def unet_config_json(config: DenoiserConfig, class_name: str = "UNet2DConditionModel",
-                     sample_size: int = 64) -> dict[str, Any]:
-  """diffusers `config.json` for a denoiser config (inverse of `DenoiserConfig.from_diffusers`).
-
-  The head count goes to `attention_head_dim`, as SD-1.x configs do (diffusers reads it as the
-  number of heads when `num_attention_heads` is absent)."""
-  heads = config.num_heads
-  tl = config.transformer_layers_per_block
-  return {
-      "_class_name": class_name,
-      "_diffusers_version": DIFFUSERS_VERSION,
-      "act_fn": "silu",
-      "attention_head_dim": list(heads) if isinstance(heads, tuple) else int(heads),
-      "block_out_channels": list(config.block_out_channels),
-      "center_input_sample": False,
-      "cross_attention_dim": int(config.cross_attention_dim),
-      "down_block_types": list(config.down_block_types),
-      "downsample_padding": 1,
-      "flip_sin_to_cos": bool(config.flip_sin_to_cos),
-      "freq_shift": config.freq_shift,
-      "in_channels": int(config.in_channels),
-      "layers_per_block": int(config.layers_per_block),
-      "mid_block_scale_factor": 1,
-      "norm_eps": float(config.norm_eps),
-      "norm_num_groups": int(config.norm_num_groups),
-      "out_channels": int(config.out_channels),
-      "sample_size": int(sample_size),
-      "transformer_layers_per_block": list(tl) if isinstance(tl, tuple) else int(tl),
-      "up_block_types": list(config.up_block_types),
-      "upcast_attention": bool(config.upcast_attention),
-      "use_linear_projection": bool(config.use_linear_projection),
-  }
-
-
-def vae_config_json(config: AutoencoderConfig, sample_size: int = 512) -> dict[str, Any]:
-  """diffusers `config.json` for an autoencoder config (inverse of `from_diffusers`)."""
-  if config.norm_eps != 1e-6:
-    raise ConversionError(f"AutoencoderConfig.norm_eps={config.norm_eps}: diffusers' "
-                          "AutoencoderKL hard-codes 1e-6, so this model has no diffusers twin")
-  n = len(config.block_out_channels)
-  return {
-      "_class_name": "AutoencoderKL",
-      "_diffusers_version": DIFFUSERS_VERSION,
-      "act_fn": "silu",
-      "block_out_channels": list(config.block_out_channels),
-      "down_block_types": ["DownEncoderBlock2D"] * n,
-      "in_channels": int(config.in_channels),
-      "latent_channels": int(config.latent_channels),
-      "layers_per_block": int(config.layers_per_block),
-      "mid_block_add_attention": bool(config.mid_block_attention),
-      "norm_num_groups": int(config.norm_num_groups),
-      "out_channels": int(config.out_channels),
-      "sample_size": int(sample_size),
-      "scaling_factor": float(config.scaling_factor),
-      "up_block_types": ["UpDecoderBlock2D"] * n,
-      "use_post_quant_conv": bool(config.use_post_quant_conv),
-      "use_quant_conv": bool(config.use_quant_conv),
-  }
-
 
 def state_dict_from_params(config, params) -> dict[str, np.ndarray]:
   """diffusers state dict (numpy) of UNet or VAE params, by the config's type."""
@@ -227,7 +382,7 @@ def save_diffusers(path: str | os.PathLike, config, params, *,
   else:
     raise ConversionError(f"no diffusers export for {type(config).__name__}")
   state_dict = state_dict_from_params(config, params)
-  os.makedirs(path, exist_ok=True)
-  files.write_safetensors(os.path.join(path, WEIGHTS_STEM + ".safetensors"), state_dict)
-  files.write_json(os.path.join(path, "config.json"), cfg_json)
+  paths.makedirs(path)
+  files.write_safetensors(files.join(path, WEIGHTS_STEM + ".safetensors"), state_dict)
+  files.write_json(files.join(path, "config.json"), cfg_json)
   return path

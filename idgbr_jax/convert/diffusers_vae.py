@@ -139,7 +139,8 @@ def vae_params_from_torch(state_dict: Mapping[str, Any], config: AutoencoderConf
   Args:
     state_dict: `AutoencoderKL.state_dict()` (torch tensors or numpy arrays), with current or
       legacy mid-block attention names.
-    config: the matching AutoencoderConfig (e.g. `AutoencoderConfig.from_diffusers(...)`).
+    config: the matching AutoencoderConfig (e.g.
+      `diffusers_folder.autoencoder_config_from_diffusers(...)`).
 
   Returns:
     Nested dict of numpy arrays; use as `model.apply({'params': params}, ...)`.

@@ -298,8 +298,8 @@ def load_dinov2(path, *, num_heads: int | None = None, dtype=None, **overrides):
   from idgbr_jax.convert import files
   path = os.fspath(path)
   try:
-    if os.path.isdir(path):
-      config_path = os.path.join(path, "config.json")
+    if files.is_dir(path):
+      config_path = files.join(path, "config.json")
       cfg_json = files.read_json(config_path)
       try:
         config = config_from_transformers(cfg_json, **overrides)

@@ -3,18 +3,23 @@
 Formats read: `.safetensors` (and diffusers' sharded `*.safetensors.index.json`), and pickled
 `torch.save` files (`.bin`, `.pth`, `.pt`, `.ckpt`; need torch, loaded with
 `weights_only=True`, so no code in the file runs). Written: `.safetensors` only, which diffusers,
-transformers and the original IDGBR code all load. Nothing here touches the network.
+transformers and the original IDGBR code all load. Nothing is downloaded from a hub; a path is
+local or a URL `etils.epath` handles (`gs://...`), read and written through `idgbr_jax.paths`.
 
 Every failure is a `ConversionError` (a ValueError) that names the file, and the key where one
 is involved.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
+
+from idgbr_jax import paths
 
 TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 # Wrappers around a state dict in training checkpoints (dinov2, lightning, DDP, ...).
@@ -23,6 +28,20 @@ _WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "teacher")
 
 class ConversionError(ValueError):
   """A weight file or folder does not hold what the converter expects (names file and key)."""
+
+
+def join(path: str | os.PathLike, *parts: str) -> str:
+  """`path/parts...` as a string: a URL stays a URL, a local path stays as given (relative
+  paths are not made absolute, so messages and returned paths name what the user passed)."""
+  return os.fspath(epath.Path(os.fspath(path)).joinpath(*parts))
+
+
+def is_file(path: str | os.PathLike) -> bool:
+  return paths.resolve(path).is_file()
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+  return paths.isdir(path)
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -54,19 +73,33 @@ def _unwrap(obj: Any, path: str) -> dict[str, Any]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """A local file is memory-mapped (`safe_open`); a URL is read whole and parsed from bytes."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  data = None
   out = {}
   try:
-    with safe_open(path, framework="numpy") as f:
-      for key in f.keys():
-        out[key] = f.get_tensor(key)
+    if paths.is_url(path):
+      import safetensors.numpy  # pylint: disable=import-outside-toplevel
+      data = paths.read_bytes(path)
+      try:
+        out = dict(safetensors.numpy.load(data))
+      except KeyError as e:  # a dtype numpy lacks (BF16): like safe_open's TypeError below
+        raise TypeError(f"data type {e} not understood") from e
+    else:
+      with safe_open(path, framework="numpy") as f:
+        for key in f.keys():
+          out[key] = f.get_tensor(key)
   except TypeError:  # bf16 tensors: numpy cannot hold them, read through torch
     try:
       import torch  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError as e:
       raise ConversionError(f"{path}: holds bfloat16 tensors, which need torch to read") from e
-    with safe_open(path, framework="pt") as f:
-      out = {key: to_numpy(f.get_tensor(key)) for key in f.keys()}
+    if data is not None:
+      import safetensors.torch  # pylint: disable=import-outside-toplevel
+      out = {key: to_numpy(v) for key, v in safetensors.torch.load(data).items()}
+    else:
+      with safe_open(path, framework="pt") as f:
+        out = {key: to_numpy(f.get_tensor(key)) for key in f.keys()}
   except Exception as e:  # noqa: BLE001 - corrupt/truncated files: say which one
     raise ConversionError(f"{path}: cannot read as safetensors: {e}") from e
   return out
@@ -79,7 +112,9 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     raise ConversionError(f"{path}: reading a torch pickle needs torch installed (pip install "
                           "torch), or convert the file to .safetensors first") from e
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # A local file is opened by torch itself; a URL is read whole into memory first.
+    source = io.BytesIO(paths.read_bytes(path)) if paths.is_url(path) else path
+    obj = torch.load(source, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001
     raise ConversionError(f"{path}: cannot read as a torch state dict: {e}") from e
   sd = _unwrap(obj, path)
@@ -89,17 +124,16 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """The tensors of one weight file (or a sharded safetensors index) as numpy arrays."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not is_file(path):
     raise ConversionError(f"{path}: weight file not found")
   if path.endswith(".index.json"):
-    with open(path) as f:
-      weight_map = json.load(f).get("weight_map")
+    weight_map = json.loads(paths.read_bytes(path)).get("weight_map")
     if not isinstance(weight_map, Mapping):
       raise ConversionError(f"{path}: no 'weight_map' in the shard index")
     out: dict[str, np.ndarray] = {}
-    folder = os.path.dirname(path)
+    folder = os.fspath(epath.Path(path).parent)
     for shard in sorted(set(weight_map.values())):
-      out.update(read_state_dict(os.path.join(folder, shard)))
+      out.update(read_state_dict(join(folder, shard)))
     missing = sorted(set(weight_map) - set(out))
     if missing:
       raise ConversionError(f"{path}: keys listed in the index but absent from the shards: "
@@ -121,38 +155,37 @@ def find_weights(folder: str, stems: tuple[str, ...]) -> str:
     candidates += [f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.bin",
                    f"{stem}.bin.index.json"]
   for name in candidates:
-    path = os.path.join(folder, name)
-    if os.path.isfile(path):
+    path = join(folder, name)
+    if is_file(path):
       if name.endswith(".bin.index.json"):
         raise ConversionError(f"{path}: sharded .bin checkpoints are not supported; save the "
                               "model with safe_serialization=True")
       return path
-  present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+  present = paths.listdir(folder) if is_dir(folder) else []
   raise ConversionError(f"{folder}: no weight file ({', '.join(candidates[:3])}, ...); the "
                         f"folder holds {present[:12]}")
 
 
 def read_json(path: str) -> dict[str, Any]:
-  if not os.path.isfile(path):
+  if not is_file(path):
     raise ConversionError(f"{path}: not found")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_bytes(path))
   except json.JSONDecodeError as e:
     raise ConversionError(f"{path}: not valid JSON: {e}") from e
 
 
 def write_json(path: str, obj: Mapping[str, Any]) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+  """Indented, sorted keys, trailing newline (local or URL; the parent folder is created)."""
+  paths.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_safetensors(path: str, state_dict: Mapping[str, Any],
                       metadata: Mapping[str, str] | None = None) -> str:
-  """Writes numpy arrays (contiguous copies) as a safetensors file; returns the path."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  """Writes numpy arrays (contiguous copies) as a safetensors file (local or URL; the parent
+  folder is created); returns the path."""
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
   tensors = {k: np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file(tensors, path, metadata=dict(metadata or {"format": "pt"}))
+  paths.write_bytes(path, safetensors.numpy.save(tensors,
+                                                 metadata=dict(metadata or {"format": "pt"})))
   return path

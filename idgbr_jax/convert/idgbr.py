@@ -31,6 +31,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from idgbr_jax import paths
 from idgbr_jax.convert import diffusers_folder, files
 from idgbr_jax.convert.files import ConversionError
 from idgbr_jax.models import guidance as guidance_lib
@@ -50,11 +51,68 @@ def _np32(tree):
 
 # ----- guidance net (InteractNet) ----------------------------------------------------------------
 
+def _guidance_get(state_dict: Mapping[str, Any], key: str) -> np.ndarray:
+  if key not in state_dict:
+    raise KeyError(f"guidance state dict is missing {key!r}")
+  v = state_dict[key]
+  if hasattr(v, "detach"):
+    v = v.detach().cpu().float().numpy()
+  return np.asarray(v, np.float32)
+
+
+def guidance_block_params_from_torch(state_dict: Mapping[str, Any], prefix: str = "",
+                                     num_layers: int = 1) -> dict:
+  """Params of one GuidanceBlock from a torch `DformerBlock` state dict (keys under `prefix`).
+
+  torch's packed `in_proj_weight` (3W, W) is split into the separate query/key/value kernels.
+  """
+  g = lambda k: _guidance_get(state_dict, prefix + k)
+  conv = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+  ln = lambda k: {"scale": g(k + ".weight"), "bias": g(k + ".bias")}
+  lin = lambda k: {"kernel": np.ascontiguousarray(g(k + ".weight").T), "bias": g(k + ".bias")}
+  attn = {
+      "pos_embedding": g("attn.positional_embedding"),
+      "conv_q": {"kernel": conv(g("attn.conv1_q.weight"))},
+      "conv_k": {"kernel": conv(g("attn.conv1_k.weight"))},
+      "ln_pre_q": ln("attn.ln_pre_q"),
+      "ln_pre_k": ln("attn.ln_pre_k"),
+      "ln_post": ln("attn.ln_post"),
+      "proj": {"kernel": conv(g("attn.proj.weight"))},
+  }
+  for i in range(num_layers):
+    p = f"attn.transformer.resblocks.{i}."
+    w_in, b_in = g(p + "attn.in_proj_weight"), g(p + "attn.in_proj_bias")
+    width = w_in.shape[1]
+    if w_in.shape[0] != 3 * width:
+      raise ValueError(f"{prefix}{p}attn.in_proj_weight has shape {w_in.shape}, expected "
+                       f"(3*W, W)")
+    mha = {name: {"kernel": np.ascontiguousarray(w_in[j * width:(j + 1) * width].T),
+                  "bias": b_in[j * width:(j + 1) * width]}
+           for j, name in enumerate(("query", "key", "value"))}
+    mha["out"] = lin(p + "attn.out_proj")
+    attn[f"block_{i}"] = {"ln_1q": ln(p + "ln_1q"), "ln_1k": ln(p + "ln_1k"),
+                          "ln_1v": ln(p + "ln_1v"), "ln_2": ln(p + "ln_2"), "mha": mha,
+                          "mlp_fc": lin(p + "mlp.c_fc"), "mlp_proj": lin(p + "mlp.c_proj")}
+  return {"res": {"kernel": conv(g("conv.weight")), "bias": g("conv.bias")}, "attn": attn}
+
+
+def guidance_params_from_torch(state_dict: Mapping[str, Any],
+                               config: guidance_lib.GuidanceConfig, prefix: str = "") -> dict:
+  """Params of a GuidanceNet from the original `InteractNet` state dict
+  (`attn_blocks_down.{i}.*`, `attn_blocks_mid.*`; pass `prefix='interact_net.'` for SIDModel)."""
+  out = {f"skip_{i}": guidance_block_params_from_torch(
+      state_dict, f"{prefix}attn_blocks_down.{i}.", config.layers)
+         for i in range(len(config.skip_channels))}
+  out["mid"] = guidance_block_params_from_torch(state_dict, f"{prefix}attn_blocks_mid.",
+                                                config.layers)
+  return out
+
+
 def guidance_block_params_to_torch(block: Mapping[str, Any], prefix: str = "") -> dict:
   """One GuidanceBlock's params -> the original `DformerBlock` state dict (keys under prefix).
 
-  Exact inverse of `models.guidance.guidance_block_params_from_torch`: the separate q/k/v
-  kernels are packed back into torch's (3W, W) `in_proj_weight`."""
+  Exact inverse of `guidance_block_params_from_torch`: the separate q/k/v kernels are packed
+  back into torch's (3W, W) `in_proj_weight`."""
   conv = lambda w: np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1))  # HWIO -> OIHW
   out = {f"{prefix}conv.weight": conv(block["res"]["kernel"]),
          f"{prefix}conv.bias": np.asarray(block["res"]["bias"])}
@@ -169,7 +227,7 @@ def guidance_params_from_state_dict(state_dict: Mapping[str, Any],
   """GuidanceNet params from an InteractNet state dict; strict (every key used, shapes checked).
   """
   sd = {k: files.to_numpy(v) for k, v in state_dict.items()}
-  params = _np32(guidance_lib.guidance_params_from_torch(sd, config))
+  params = _np32(guidance_params_from_torch(sd, config))
   _check_tree(params, _guidance_abstract(config), "InteractNet")
   expected = guidance_params_to_torch(params, config)
   extra = sorted(set(sd) - set(expected))
@@ -181,7 +239,7 @@ def guidance_params_from_state_dict(state_dict: Mapping[str, Any],
 def load_interactnet(path: str) -> tuple[guidance_lib.GuidanceNet, dict]:
   """An `interact_net/` folder -> (GuidanceNet, params)."""
   cfg_json = diffusers_folder.read_config(path)
-  where = os.path.join(path, "config.json")
+  where = files.join(path, "config.json")
   if cfg_json.get("_class_name") != "InteractNet":
     raise ConversionError(f"{where}: _class_name {cfg_json.get('_class_name')!r} is not "
                           "'InteractNet'")
@@ -197,19 +255,42 @@ def load_interactnet(path: str) -> tuple[guidance_lib.GuidanceNet, dict]:
 
 def save_interactnet(path: str, config: guidance_lib.GuidanceConfig, params,
                      layers_per_block: int = 2) -> str:
-  os.makedirs(path, exist_ok=True)
-  files.write_safetensors(os.path.join(path, WEIGHTS_FILE),
+  paths.makedirs(path)
+  files.write_safetensors(files.join(path, WEIGHTS_FILE),
                           guidance_params_to_torch(params, config))
-  files.write_json(os.path.join(path, "config.json"),
+  files.write_json(files.join(path, "config.json"),
                    interactnet_config_json(config, layers_per_block))
   return path
 
 
 # ----- label embedding (LabelEmbedNet) ---------------------------------------------------------
 
+def label_embed_params_from_torch(state_dict,
+                                  config: label_embedding.LabelEmbedConfig | None = None) -> dict:
+  """Params from the original `LabelEmbedNet` state dict (`embedding_table.weight`,
+  `embedding_conv.{0,2}.{weight,bias}`), e.g. the released `labelembednet{2,8}` safetensors."""
+  def get(key):
+    if key not in state_dict:
+      raise KeyError(f"label embedding state dict is missing {key!r}")
+    return np.asarray(state_dict[key], np.float32)
+
+  table = get("embedding_table.weight")
+  if config is not None and table.shape != (config.num_classes, 3):
+    raise ValueError(f"embedding_table.weight has shape {table.shape}, config expects "
+                     f"({config.num_classes}, 3)")
+  conv = lambda w: w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  return {
+      "embedding": table,
+      "decoder_hidden": {"kernel": conv(get("embedding_conv.0.weight")),
+                         "bias": get("embedding_conv.0.bias")},
+      "decoder_out": {"kernel": conv(get("embedding_conv.2.weight")),
+                      "bias": get("embedding_conv.2.bias")},
+  }
+
+
 def label_embed_params_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """LabelEmbedding params -> `LabelEmbedNet` state dict (inverse of
-  `label_embedding.label_embed_params_from_torch`)."""
+  `label_embed_params_from_torch`)."""
   p = _np32(params)
   conv = lambda w: np.ascontiguousarray(w.transpose(3, 2, 0, 1))
   return {"embedding_table.weight": p["embedding"],
@@ -233,7 +314,7 @@ def label_embed_from_state_dict(state_dict: Mapping[str, Any], num_classes: int 
   config = label_embedding.LabelEmbedConfig(
       num_classes=int(num_classes or table.shape[0]),
       hidden=int(np.shape(sd["embedding_conv.0.weight"])[0]))
-  params = _np32(label_embedding.label_embed_params_from_torch(sd, config))
+  params = _np32(label_embed_params_from_torch(sd, config))
   model = label_embedding.LabelEmbedding(config)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                      jnp.zeros((1, 2, 2), jnp.int32)))["params"]
@@ -249,9 +330,9 @@ def load_label_embed(path: str):
   `.safetensors` file -> (LabelEmbedding module, params)."""
   path = os.fspath(path)
   num_classes = None
-  if os.path.isdir(path):
+  if files.is_dir(path):
     cfg_json = diffusers_folder.read_config(path)
-    where = os.path.join(path, "config.json")
+    where = files.join(path, "config.json")
     if cfg_json.get("_class_name") != "LabelEmbedNet":
       raise ConversionError(f"{where}: _class_name {cfg_json.get('_class_name')!r} is not "
                             "'LabelEmbedNet'")
@@ -271,9 +352,9 @@ def load_label_embed(path: str):
 
 def save_label_embed(path: str, params) -> str:
   sd = label_embed_params_to_torch(params)
-  os.makedirs(path, exist_ok=True)
-  files.write_safetensors(os.path.join(path, WEIGHTS_FILE), sd)
-  files.write_json(os.path.join(path, "config.json"), {
+  paths.makedirs(path)
+  files.write_safetensors(files.join(path, WEIGHTS_FILE), sd)
+  files.write_json(files.join(path, "config.json"), {
       "_class_name": "LabelEmbedNet", "_diffusers_version": diffusers_folder.DIFFUSERS_VERSION,
       "bit_scale": 1, "label_emb_inchannels": 3,
       "num_classes": int(sd["embedding_table.weight"].shape[0])})
@@ -281,6 +362,19 @@ def save_label_embed(path: str, params) -> str:
 
 
 # ----- projector ---------------------------------------------------------------------------------
+
+def projector_params_from_torch(state_dict, prefix: str = PROJECTOR_PREFIX) -> dict:
+  """Params for `Projector` from the original's `build_mlp` (nn.Sequential indices 0, 2, 4)."""
+  out = {}
+  for name, idx in (("fc1", 0), ("fc2", 2), ("fc3", 4)):
+    wk, bk = f"{prefix}{idx}.weight", f"{prefix}{idx}.bias"
+    for k in (wk, bk):
+      if k not in state_dict:
+        raise KeyError(f"projector state dict is missing {k!r}")
+    out[name] = {"kernel": np.asarray(state_dict[wk], np.float32).T,
+                 "bias": np.asarray(state_dict[bk], np.float32)}
+  return out
+
 
 def projector_params_to_torch(params: Mapping[str, Any],
                               prefix: str = PROJECTOR_PREFIX) -> dict[str, np.ndarray]:
@@ -297,7 +391,7 @@ def load_projector(path: str, prefix: str = PROJECTOR_PREFIX) -> tuple[repa.Proj
   """A projector state dict file (`projectors.0.{0,2,4}.*`) -> (Projector, params)."""
   sd = files.read_state_dict(path)
   try:
-    params = _np32(repa.projector_params_from_torch(sd, prefix))
+    params = _np32(projector_params_from_torch(sd, prefix))
     extra = sorted(k for k in sd if k.startswith("projectors.") and
                    k not in projector_params_to_torch(params, prefix))
     if extra:
@@ -331,23 +425,23 @@ def load_idgbr(path: str | os.PathLike) -> IdgbrParts:
   checkpoint: use `load_label_embed`.
   """
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not files.is_dir(path):
     raise ConversionError(f"{path}: not a directory")
-  missing = [d for d in (UNET_DIR, GUIDANCE_DIR) if not os.path.isdir(os.path.join(path, d))]
+  missing = [d for d in (UNET_DIR, GUIDANCE_DIR) if not files.is_dir(files.join(path, d))]
   if missing:
     raise ConversionError(f"{path}: not an IDGBR checkpoint, missing {missing} (expected the "
                           f"original's checkpoint-N/ or pipeline folder: {UNET_DIR}/, "
                           f"{GUIDANCE_DIR}/, optionally {LABEL_EMBED_DIR}/, {VAE_DIR}/)")
-  unet = diffusers_folder.load_diffusers(os.path.join(path, UNET_DIR))
+  unet = diffusers_folder.load_diffusers(files.join(path, UNET_DIR))
   if not isinstance(unet[0].config, DenoiserConfig):
-    raise ConversionError(f"{os.path.join(path, UNET_DIR)}: not a UNet")
-  guid = load_interactnet(os.path.join(path, GUIDANCE_DIR))
+    raise ConversionError(f"{files.join(path, UNET_DIR)}: not a UNet")
+  guid = load_interactnet(files.join(path, GUIDANCE_DIR))
   skips = tuple(unet[0].config.skip_channels)
   if guid[0].config.skip_channels != skips:
-    raise ConversionError(f"{os.path.join(path, GUIDANCE_DIR)}: skip channels "
+    raise ConversionError(f"{files.join(path, GUIDANCE_DIR)}: skip channels "
                           f"{guid[0].config.skip_channels} do not match unet_gen's {skips}")
-  opt = lambda name, fn: (fn(os.path.join(path, name))
-                          if os.path.exists(os.path.join(path, name)) else None)
+  opt = lambda name, fn: (fn(files.join(path, name))
+                          if paths.exists(files.join(path, name)) else None)
   return IdgbrParts(unet=unet, guidance=guid, label_embed=opt(LABEL_EMBED_DIR, load_label_embed),
                     vae=opt(VAE_DIR, diffusers_folder.load_diffusers),
                     projector=opt(PROJECTOR_FILE, load_projector))
@@ -362,16 +456,16 @@ def export_idgbr(path: str | os.PathLike, *, unet_config: DenoiserConfig, unet_p
   `path` can be passed to the original's `load_model_hook` as a checkpoint dir (`unet_gen/`,
   `interact_net/`); `label_embed_net/` and `vae/` load with `from_pretrained`."""
   path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
-  diffusers_folder.save_diffusers(os.path.join(path, UNET_DIR), unet_config, unet_params,
+  paths.makedirs(path)
+  diffusers_folder.save_diffusers(files.join(path, UNET_DIR), unet_config, unet_params,
                                   class_name="UNet2DConditionNewModel")
-  save_interactnet(os.path.join(path, GUIDANCE_DIR), guidance_config, guidance_params,
+  save_interactnet(files.join(path, GUIDANCE_DIR), guidance_config, guidance_params,
                    unet_config.layers_per_block)
   if projector_params is not None:
-    files.write_safetensors(os.path.join(path, PROJECTOR_FILE),
+    files.write_safetensors(files.join(path, PROJECTOR_FILE),
                             projector_params_to_torch(projector_params))
   if label_embed_params is not None:
-    save_label_embed(os.path.join(path, LABEL_EMBED_DIR), label_embed_params)
+    save_label_embed(files.join(path, LABEL_EMBED_DIR), label_embed_params)
   if vae_params is not None:
-    diffusers_folder.save_diffusers(os.path.join(path, VAE_DIR), vae_config, vae_params)
+    diffusers_folder.save_diffusers(files.join(path, VAE_DIR), vae_config, vae_params)
   return path

@@ -1,11 +1,16 @@
 """grain pipelines over TFDS sources, and the one place host batches become global jax.Arrays.
 
-Each process reads a disjoint slice of the records (`process_index::process_count`), batches
-`global_batch // process_count` examples, and `to_global` assembles the global array from every
-process's piece with `jax.make_array_from_process_local_data`.
+Training batches do not depend on the number of processes: every process defines the same global
+stream (all records, shuffled, augmented, repeated; grain seeds each element by its index) and
+reads only its rows of each global batch, `global_batch // process_count` of them. So 2 hosts x 4
+chips train on exactly the batches 1 host x 8 chips does, and a run can resume on another process
+count. The stream's position is the train step (`start_step`): no iterator state to checkpoint.
+`to_global` assembles the global array from every process's piece with
+`jax.make_array_from_process_local_data`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import grain
@@ -45,7 +50,8 @@ def _base_dataset(cfg: ml_collections.ConfigDict, split: str, num_classes: int,
 def train_records(config: ml_collections.ConfigDict, num_classes: int, *,
                   coarse_dir: str | None = None,
                   ignore_index: int | None = None) -> grain.MapDataset:
-  """This process's training records, parsed (unshuffled, unaugmented, not normalised).
+  """The training records (all of them, on every process), parsed: unshuffled, unaugmented,
+  not normalised. Elements are read lazily, so a process only reads what it indexes.
 
   `ignore_index` overrides `config.data.ignore_index` (-1: no ignore value allowed).
   """
@@ -54,15 +60,30 @@ def train_records(config: ml_collections.ConfigDict, num_classes: int, *,
   if cfg.num_folds:
     n = len(sources.get_source(cfg, cfg.train_split))
     indices = fold_indices(n, cfg.num_folds, cfg.fold, config.seed, held_out=False)
-  ds = _base_dataset(cfg, cfg.train_split, num_classes, coarse_dir, indices, ignore_index)
-  return ds[jax.process_index()::jax.process_count()]
+  return _base_dataset(cfg, cfg.train_split, num_classes, coarse_dir, indices, ignore_index)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRows(grain.transforms.Map):
+  """Index k of this process's stream -> its element of the global stream: global batch
+  k // per_process, row process_index * per_process + k % per_process."""
+  stream: grain.MapDataset
+  global_batch: int
+  per_process: int
+  process_index: int
+
+  def map(self, k: int):
+    step, pos = divmod(int(k), self.per_process)
+    return self.stream[step * self.global_batch + self.process_index * self.per_process + pos]
 
 
 def train_dataset(config: ml_collections.ConfigDict, num_classes: int, *,
                   coarse_dir: str | None = None, cache=None,
-                  ignore_index: int | None = None) -> grain.IterDataset:
+                  ignore_index: int | None = None, start_step: int = 0) -> grain.IterDataset:
   """Infinite, shuffled, augmented per-process batches for training (deterministic in seed).
 
+  The first batch is the one of train step `start_step + 1` (a resumed run continues the
+  stream); the same for any process count (see the module doc).
   `cache` (a `train.latent_cache.LatentCache` or any grain Map that reads `id` and `dihedral`)
   attaches precomputed per-example, per-augmentation values after the augmentation.
   `ignore_index` overrides `config.data.ignore_index` (see `train_records`).
@@ -85,7 +106,10 @@ def train_dataset(config: ml_collections.ConfigDict, num_classes: int, *,
     ds = ds.map(cache)
   ds = ds.map(transforms.Normalize(cfg.normalization))
   ds = ds.repeat()  # reseeds shuffle and augmentation every epoch
-  ds = ds.batch(per_process_batch(config.batch_size), drop_remainder=True)
+  per_process = per_process_batch(config.batch_size)
+  rows = ProcessRows(ds, config.batch_size, per_process, jax.process_index())
+  ds = grain.MapDataset.range(start_step * per_process, len(ds) // config.batch_size * per_process)
+  ds = ds.map(rows).batch(per_process, drop_remainder=True)
   read = grain.ReadOptions(num_threads=max(1, cfg.num_workers), prefetch_buffer_size=2)
   if cfg.num_workers > 0:
     return ds.to_iter_dataset(read).mp_prefetch(

@@ -4,8 +4,8 @@ A source yields dicts with `image` (H,W,3 uint8), `label` (H,W[,1] uint8 class i
 (and `coarse` for datasets that store coarse maps). `synthetic_rs` is built on first use (it ships
 with the repo); the real datasets (`DATASETS`: CHN6-CUG, FGFD, WHU-Building, Potsdam, Vaihingen,
 the original's data package) must already be prepared in `data_dir` from their manual downloads
-(see datasets/ and the README). Their builder modules are imported here, so `tfds.builder` finds
-them by name.
+(see datasets/, installed as the package `idgbr_datasets`, and the README). Their builder modules
+are imported here, so `tfds.builder` finds them by name.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+
+from idgbr_jax import paths
 
 
 class DataError(RuntimeError):
@@ -86,21 +88,23 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "chn6_cug": DatasetSpec("datasets.chn6_cug", "default", 2, 512, (0, 1),
-                            build_command="python -m datasets.chn6_cug --manual_dir=DIR"),
-    "fgfd": DatasetSpec("datasets.fgfd", "default", 2, 512, (0, 1),
-                        build_command="python -m datasets.fgfd --manual_dir=DIR"),
-    "whu_building": DatasetSpec("datasets.whu_building", "default", 2, 512, (0, 1),
-                                build_command="python -m datasets.whu_building --manual_dir=DIR"),
+    "chn6_cug": DatasetSpec("idgbr_datasets.chn6_cug", "default", 2, 512, (0, 1),
+                            build_command="python -m idgbr_datasets.chn6_cug --manual_dir=DIR"),
+    "fgfd": DatasetSpec("idgbr_datasets.fgfd", "default", 2, 512, (0, 1),
+                        build_command="python -m idgbr_datasets.fgfd --manual_dir=DIR"),
+    "whu_building": DatasetSpec(
+        "idgbr_datasets.whu_building", "default", 2, 512, (0, 1),
+        build_command="python -m idgbr_datasets.whu_building --manual_dir=DIR"),
     # class_order "idgbr": clutter 0, impervious 1 .. car 5; scored on 1..5 as the original.
-    "potsdam": DatasetSpec("datasets.isprs", "irrg_t512_s512", 6, 512, (1, 2, 3, 4, 5),
-                           build_command="python -m datasets.isprs potsdam --manual_dir=DIR"),
-    "vaihingen": DatasetSpec("datasets.isprs", "irrg_t512_s512", 6, 512, (1, 2, 3, 4, 5),
-                             build_command="python -m datasets.isprs vaihingen --manual_dir=DIR"),
+    "potsdam": DatasetSpec("idgbr_datasets.isprs", "irrg_t512_s512", 6, 512, (1, 2, 3, 4, 5),
+                           build_command="python -m idgbr_datasets.isprs potsdam --manual_dir=DIR"),
+    "vaihingen": DatasetSpec(
+        "idgbr_datasets.isprs", "irrg_t512_s512", 6, 512, (1, 2, 3, 4, 5),
+        build_command="python -m idgbr_datasets.isprs vaihingen --manual_dir=DIR"),
     # The original's repo-ready package; config "chn6_cug" (2 classes) or "potsdam" (6).
     "idgbr_package": DatasetSpec(
-        "datasets.idgbr_package", "chn6_cug", 2, 512, (0, 1), stored_coarse=True,
-        build_command="python -m datasets.idgbr_package --manual_dir=examples/<Dataset>"),
+        "idgbr_datasets.idgbr_package", "chn6_cug", 2, 512, (0, 1), stored_coarse=True,
+        build_command="python -m idgbr_datasets.idgbr_package --manual_dir=examples/<Dataset>"),
 }
 
 
@@ -113,16 +117,15 @@ def register_builder(name: str) -> None:
 
 def _prepared_dir(data_dir: str, name: str, config: str | None) -> str | None:
   """`<data_dir>/<name>/<config>/<newest version>` if a build is there, else None."""
-  base = os.path.join(data_dir, name, *([config] if config else []))
-  if not os.path.isdir(base):
+  base = paths.resolve(data_dir).joinpath(name, *([config] if config else []))
+  if not base.is_dir():
     return None
-  versions = [v for v in os.listdir(base)
-              if os.path.isfile(os.path.join(base, v, "dataset_info.json"))]
+  versions = [v.name for v in base.iterdir() if (v / "dataset_info.json").exists()]
   if not versions:
     return None
   newest = max(versions, key=lambda v: tuple(int(p) if p.isdigit() else 0
                                              for p in v.split(".")))
-  return os.path.join(base, newest)
+  return str(base / newest)
 
 
 def _synthetic_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -133,7 +136,7 @@ def _synthetic_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 def num_classes(cfg: ml_collections.ConfigDict) -> int:
   """Number of classes the model predicts for this data config."""
   if cfg.name == "synthetic_rs":
-    from datasets.synthetic_rs import CLASS_NAMES  # pylint: disable=import-outside-toplevel
+    from idgbr_datasets.synthetic_rs import CLASS_NAMES  # pylint: disable=import-outside-toplevel
     if cfg.task not in CLASS_NAMES:
       raise ValueError(f"config.data.task={cfg.task!r} unknown; allowed: {sorted(CLASS_NAMES)}")
     return len(CLASS_NAMES[cfg.task])
@@ -146,7 +149,7 @@ def get_source(cfg: ml_collections.ConfigDict, split: str) -> CheckedSource:
   """Random-access source for `split` of the dataset named in `cfg` (config.data)."""
   data_dir = cfg.data_dir or default_data_dir()
   if cfg.name == "synthetic_rs":
-    from datasets import synthetic_rs  # pylint: disable=import-outside-toplevel
+    from idgbr_datasets import synthetic_rs  # pylint: disable=import-outside-toplevel
     builder = synthetic_rs.build(data_dir, **_synthetic_kwargs(cfg))
   else:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -220,3 +223,13 @@ def as_label_map(label: np.ndarray) -> np.ndarray:
   if label.ndim == 3:
     label = label[..., 0]
   return label.astype(np.int32)
+
+
+def eval_kwargs(data_config, num_classes: int) -> dict[str, Any]:
+  """`metrics.evaluate_maps` arguments for a dataset: the classes the original scores (Potsdam
+  and Vaihingen: index values 1..5, clutter excluded) when the data config names them."""
+  values = data_config.get("eval_label_values")
+  if not values:
+    return {"num_classes": num_classes}
+  return {"num_classes": int(data_config.get("eval_num_classes") or len(values)),
+          "label_values": tuple(int(v) for v in values)}

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
 
+from idgbr_jax import paths
 from idgbr_jax.data.sources import DataError, as_label_map
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -91,10 +91,9 @@ class AttachCoarse(grain.transforms.Map):
   resize_mismatched: bool = False
 
   def map(self, element: Example) -> Example:
-    path = os.path.join(self.coarse_dir, f"{element['id']}.png")
+    path = paths.join(self.coarse_dir, f"{element['id']}.png")
     try:
-      with Image.open(path) as im:
-        coarse = np.asarray(im).astype(np.int32)
+      coarse = np.asarray(paths.read_image(path)).astype(np.int32)
     except FileNotFoundError as e:
       raise DataError(f"coarse map missing for example {element['id']}: {path}") from e
     except Exception as e:  # noqa: BLE001

@@ -7,7 +7,6 @@ and the final latent is decoded to colours and then to class indices.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -16,10 +15,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from idgbr_jax import checkpoints, diffusion
+from idgbr_jax import diffusion
+from idgbr_jax.assembly import stage2 as assembly
 from idgbr_jax.data import pipeline, sources
-from idgbr_jax.parallel import sharding
-from idgbr_jax.train import common, optim, stage2
+from idgbr_jax.parallel import multihost, sharding
 
 
 def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, frozen_sh, *,
@@ -32,7 +31,7 @@ def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, f
   """
   rules = tuple(config.sharding_rules)
   d = config.diffusion
-  schedule = stage2.make_schedule(config)
+  schedule = assembly.make_schedule(config)
   num_steps = int(d.num_inference_steps)
   scale = float(d.guidance_scale)
   use_cfg = scale != 1.0
@@ -78,10 +77,10 @@ def refine_dataset(refine_fn, trainable, frozen, ds, config, mesh
   rules = tuple(config.sharding_rules)
   base = jax.random.key(config.diffusion.sampling_seed)
   for i, (batch, ids, valid) in enumerate(pipeline.eval_batches(ds, config.eval_batch_size)):
-    arrays = pipeline.to_global(common.host_slice(
+    arrays = pipeline.to_global(multihost.host_slice(
         {"image": batch["image"], "coarse": batch["coarse"].astype(np.int32)}), mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      refined = common.to_host(refine_fn(trainable, frozen, arrays["image"], arrays["coarse"],
+      refined = multihost.to_host(refine_fn(trainable, frozen, arrays["image"], arrays["coarse"],
                                          jax.random.fold_in(base, i)))
     for j in range(valid):
       yield ids[j], refined[j], batch["coarse"][j], batch["label"][j]
@@ -92,42 +91,29 @@ def eval_split_dataset(config, split: str | None = None, max_examples: int = 0):
   num_classes = sources.num_classes(config.data)
   indices = np.arange(max_examples) if max_examples else None
   return pipeline.eval_dataset(config, split, num_classes,
-                               coarse_dir=stage2.coarse_dir_for(config, split), indices=indices)
+                               coarse_dir=assembly.coarse_dir_for(config, split), indices=indices)
 
 
 def evaluate(ref, trainable, frozen, config, mesh, split: str | None = None) -> dict[str, Any]:
-  """Refines a split and returns the evaluation suite's report for refined and coarse maps
-  (the refined one with the repair analysis of class 1 against the coarse maps)."""
-  from idgbr_jax import metrics  # pylint: disable=import-outside-toplevel
+  """Refines a split and returns the evaluation suite's report for refined and coarse maps (the
+  refined one with the repair analysis of class 1 against the coarse maps). Computed on the
+  mesh: the maps stay sharded, only per-image statistics reach the hosts (`metrics.mesh`)."""
+  from idgbr_jax.metrics import mesh as mesh_metrics  # pylint: disable=import-outside-toplevel
   refine_fn = make_refine_fn(ref, config, mesh, jax.tree.map(lambda x: x.sharding, trainable),
                              jax.tree.map(lambda x: x.sharding, frozen))
   ds = eval_split_dataset(config, split, config.get("eval_max_examples", 0))
-  refined, coarse, labels = [], [], []
-  for _, r, c, l in refine_dataset(refine_fn, trainable, frozen, ds, config, mesh):
-    refined.append(r)
-    coarse.append(c)
-    labels.append(l)
-  kwargs = common.eval_kwargs(config.data, sources.num_classes(config.data))
-  # The refined report carries the repair analysis against the coarse maps it started from.
-  return {"refined": metrics.evaluate_maps(refined, labels, coarse=coarse, **kwargs),
-          "coarse": metrics.evaluate_maps(coarse, labels, **kwargs)}
-
-
-def load(workdir: str, config: ml_collections.ConfigDict | None = None):
-  """Rebuilds a trained refiner from `<workdir>/checkpoints`: (ref, trainable, frozen, config,
-  mesh). The frozen parts are re-read from the paths recorded in the run's config."""
-  config = config or checkpoints.load_config(os.path.join(workdir, "checkpoints"))
-  mesh = sharding.make_mesh(config.mesh_shape.to_dict())
+  kwargs = sources.eval_kwargs(config.data, sources.num_classes(config.data))
+  refined_eval = mesh_metrics.MeshEvaluator(**kwargs, repair_class=1)
+  coarse_eval = mesh_metrics.MeshEvaluator(**kwargs)
   rules = tuple(config.sharding_rules)
-  num_classes = sources.num_classes(config.data)
-  from idgbr_jax.models import refiner  # pylint: disable=import-outside-toplevel
-  ref = refiner.Refiner(stage2.refiner_config(config, num_classes),
-                        common.dtype_from_name(config.model.dtype))
-  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  state, state_sh = stage2.init_state(ref, tx, config, mesh, rules)
-  frozen, _ = stage2.init_frozen(ref, config, state["params"]["unet"],
-                                 state_sh["params"]["unet"], mesh, rules)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
-  state = ckpt.restore(None, state, shardings=state_sh)
-  ckpt.close()
-  return ref, state["params"], frozen, config, mesh
+  base = jax.random.key(config.diffusion.sampling_seed)
+  for i, (batch, ids, valid) in enumerate(pipeline.eval_batches(ds, config.eval_batch_size)):
+    arrays = pipeline.to_global(multihost.host_slice(
+        {"image": batch["image"], "coarse": batch["coarse"].astype(np.int32),
+         "label": batch["label"].astype(np.int32)}), mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      refined = refine_fn(trainable, frozen, arrays["image"], arrays["coarse"],
+                          jax.random.fold_in(base, i))
+    refined_eval.add(ids[:valid], refined, arrays["label"], arrays["coarse"])
+    coarse_eval.add(ids[:valid], arrays["coarse"], arrays["label"])
+  return {"refined": refined_eval.finish(), "coarse": coarse_eval.finish()}

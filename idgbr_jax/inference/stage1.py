@@ -1,91 +1,84 @@
 """Stage I inference: restore a trained segmenter and write coarse maps as index PNGs.
 
-The PNGs (`<out_dir>/<split>/<id>.png`, uint8 class indices) are the input of Stage II. With
-`num_folds=k`, train-split maps are cross-fitted: fold i is predicted by a model trained on the
-other k-1 folds, so train coarse maps carry test-like errors instead of memorised labels.
+The PNGs (`<out_dir>/<split>/<id>.png`, uint8 class indices) are the input of Stage II.
+Cross-fitted train-split maps (fold models trained on the other folds) are made by
+`train.stage1.predict_cross_fitted`, which trains the fold models and predicts with this module.
 """
 from __future__ import annotations
 
-import copy
-import os
+import functools
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from idgbr_jax import checkpoints
+from idgbr_jax import paths
+from idgbr_jax.assembly import stage1 as assembly
 from idgbr_jax.data import pipeline, sources
-from idgbr_jax.parallel import sharding
-from idgbr_jax.train import optim, stage1
+from idgbr_jax.parallel import multihost, sharding
 
 
-def load(workdir: str, config: ml_collections.ConfigDict | None = None, mesh=None):
-  """Restores the latest Stage I checkpoint of `workdir`: (model, variables, config, mesh)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  config = config or checkpoints.load_config(ckpt_dir)
-  mesh = mesh or sharding.make_mesh(config.mesh_shape.to_dict())
-  rules = tuple(config.sharding_rules)
-  num_classes = sources.num_classes(config.data)
-  model = stage1.build_model(config, num_classes)
-  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  init = stage1.make_init_fn(model, tx, stage1.input_size(config))
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.param_shardings(abstract, mesh, rules)
-  abstract = nn.meta.unbox(abstract)
-  ckpt = checkpoints.Checkpointer(ckpt_dir, create=False)
-  state = ckpt.restore(None, abstract, shardings=shardings)
-  ckpt.close()
-  variables = {k: state[k] for k in ("params", "batch_stats") if k in state}
-  return model, variables, config, mesh
+def make_predict_fn(model, variable_shardings, mesh, rules):
+  """Jitted (variables, images) -> class-index maps, sharded over the batch."""
+  images_sharding = sharding.batch_sharding(mesh, 4, rules)
+  out_sharding = sharding.batch_sharding(mesh, 3, rules)
+
+  @functools.partial(jax.jit, in_shardings=(variable_shardings, images_sharding),
+                     out_shardings=out_sharding)
+  def predict(variables, images):
+    logits = model.apply(variables, images, train=False)
+    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+  return predict
+
+
+def predict_dataset(predict_fn, variables, ds, batch_size: int, mesh, rules
+                    ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+  """Yields (id, predicted map, label) over an eval dataset, in order."""
+  for batch, ids, valid in pipeline.eval_batches(ds, batch_size, keys=("image", "label")):
+    images = pipeline.to_global(multihost.host_slice({"image": batch["image"]}), mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      preds = multihost.to_host(predict_fn(variables, images["image"]))
+    for i in range(valid):
+      yield ids[i], preds[i], batch["label"][i]
+
+
+def evaluate(predict_fn, variables, ds, config, num_classes: int, mesh, rules) -> dict[str, Any]:
+  """The evaluation suite's report (mIoU, mF1, WF, ...) on a whole split, computed on the mesh:
+  the maps stay sharded, only per-image statistics reach the hosts (`metrics.mesh`)."""
+  from idgbr_jax.metrics import mesh as mesh_metrics  # pylint: disable=import-outside-toplevel
+  evaluator = mesh_metrics.MeshEvaluator(**sources.eval_kwargs(config.data, num_classes))
+  for batch, ids, valid in pipeline.eval_batches(ds, config.eval_batch_size,
+                                                 keys=("image", "label")):
+    arrays = pipeline.to_global(multihost.host_slice(
+        {"image": batch["image"], "label": batch["label"].astype(np.int32)}), mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      preds = predict_fn(variables, arrays["image"])
+    evaluator.add(ids[:valid], preds, arrays["label"])
+  return evaluator.finish()
 
 
 def write_png(path: str, index_map: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(np.asarray(index_map, np.uint8), mode="L").save(path)
+  paths.write_png(path, np.asarray(index_map, np.uint8))
 
 
 def predict_split(workdir: str, split: str, out_dir: str, *, indices=None,
                   config: ml_collections.ConfigDict | None = None, mesh=None) -> int:
   """Writes `<out_dir>/<split>/<id>.png` for the split (or its `indices`). Returns the count."""
-  model, variables, config, mesh = load(workdir, config, mesh)
+  model, variables, config, mesh = assembly.load_segmenter(workdir, config, mesh)
   rules = tuple(config.sharding_rules)
   num_classes = sources.num_classes(config.data)
   ds = pipeline.eval_dataset(config, split, num_classes, indices=indices)
   var_shardings = jax.tree.map(lambda x: x.sharding, variables)
-  predict_fn = stage1.make_predict_fn(model, var_shardings, mesh, rules)
+  predict_fn = make_predict_fn(model, var_shardings, mesh, rules)
   n = 0
-  for example_id, pred, _ in stage1.predict_dataset(predict_fn, variables, ds,
-                                                     config.eval_batch_size, mesh, rules):
+  for example_id, pred, _ in predict_dataset(predict_fn, variables, ds,
+                                             config.eval_batch_size, mesh, rules):
     if jax.process_index() == 0:
-      write_png(os.path.join(out_dir, split, f"{example_id}.png"), pred)
+      write_png(paths.join(out_dir, split, f"{example_id}.png"), pred)
     n += 1
-  logging.info("wrote %d coarse maps of %s to %s", n, split, os.path.join(out_dir, split))
+  logging.info("wrote %d coarse maps of %s to %s", n, split, paths.join(out_dir, split))
   return n
-
-
-def fold_config(config: ml_collections.ConfigDict, num_folds: int, fold: int
-                ) -> ml_collections.ConfigDict:
-  cfg = copy.deepcopy(config)
-  with cfg.unlocked():
-    cfg.data.num_folds = num_folds
-    cfg.data.fold = fold
-    cfg.eval_every_steps = 0
-  return cfg
-
-
-def predict_cross_fitted(workdir: str, out_dir: str, num_folds: int,
-                         config: ml_collections.ConfigDict | None = None) -> int:
-  """Train-split coarse maps by k-fold cross-fitting (trains missing fold models first)."""
-  config = config or checkpoints.load_config(os.path.join(workdir, "checkpoints"))
-  n_train = len(sources.get_source(config.data, config.data.train_split))
-  total = 0
-  for fold in range(num_folds):
-    cfg = fold_config(config, num_folds, fold)
-    fold_dir = os.path.join(workdir, "folds", f"fold{fold}")
-    stage1.train_and_evaluate(cfg, fold_dir)  # resumes / returns at once when already trained
-    held_out = pipeline.fold_indices(n_train, num_folds, fold, cfg.seed, held_out=True)
-    total += predict_split(fold_dir, cfg.data.train_split, out_dir, indices=held_out, config=cfg)
-  return total

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idgbr_jax import paths
 from idgbr_jax.metrics import boundary
 from idgbr_jax.metrics import boundary_iou
 from idgbr_jax.metrics import fusion
@@ -225,11 +227,11 @@ def _as_2d(array: np.ndarray, name: str) -> np.ndarray:
   return array
 
 
-class _Accumulator:
-  """Buffers maps per shape, runs full batches through the jitted statistics, sums on host."""
+class _Totals:
+  """Host-side sums of per-image statistics, and the report from them."""
 
-  def __init__(self, num_classes, label_values, edge_size, batch_size, bf_tolerance,
-               dilation_ratio, repair_class=None, repair_k=1.0, devices=None):
+  def __init__(self, num_classes, label_values, edge_size, bf_tolerance, repair_class=None,
+               repair_k=1.0):
     self.num_classes = num_classes
     # Repair analysis (needs the coarse map of every image): class and k, or None.
     self.repair_class = None if repair_class is None else int(repair_class)
@@ -238,6 +240,51 @@ class _Accumulator:
       raise ValueError(f"repair_class {repair_class} is not a class index in [0, {num_classes})")
     self.label_values = None if label_values is None else tuple(int(v) for v in label_values)
     self.edge_size = int(edge_size)
+    self.bf_tolerance = float(bf_tolerance)
+    self.totals = empty_totals(num_classes)
+    self.repair_totals = np.zeros((2, 2), np.int64)  # (inter, union) x (RTm, RFm)
+    self.repair_images = {"complete": 0, "partial": 0, "error": 0, "undefined": 0}
+    self.unmapped_files: Dict[str, Dict[str, int]] = {}
+
+  def add_statistics(self, names: Sequence[str], stats: Dict[str, np.ndarray], repair_iu=None):
+    """Per-image statistics of `len(names)` images (rows beyond that are padding, ignored);
+    `repair_iu`: their (inter, union) repair statistics when the analysis is on."""
+    n = len(names)
+    if self.repair_class is not None:
+      inter, union = (np.asarray(a)[:n] for a in repair_iu)
+      self.repair_totals += np.stack([inter.sum(0), union.sum(0)]).astype(np.int64)
+      for iou_imp in repair.repair_scores(inter, union, self.repair_k)["iou_imp"]:
+        self.repair_images[repair.repair_category(float(iou_imp))] += 1
+    stats = {k: np.asarray(v)[:n] for k, v in stats.items()}
+    summed = sum_statistics(stats)
+    for key, value in summed.items():
+      self.totals[key] = self.totals[key] + np.asarray(value).astype(self.totals[key].dtype)
+    for idx, name in enumerate(names):
+      bad_label, bad_pred = int(stats["unmapped_label"][idx]), int(stats["unmapped_pred"][idx])
+      if bad_label or bad_pred:
+        self.unmapped_files[name] = {"label": bad_label, "pred": bad_pred}
+
+  def report(self) -> dict:
+    report = report_from_totals(self.totals, self.num_classes, self.label_values,
+                                self.edge_size, self.bf_tolerance)
+    report["files_with_unmapped_values"] = dict(sorted(self.unmapped_files.items()))
+    if self.repair_class is not None:
+      scores = repair.repair_scores(self.repair_totals[0], self.repair_totals[1], self.repair_k)
+      as_float = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+      report["repair"] = {
+          "class": self.repair_class, "k": self.repair_k,
+          "iou_rtm": as_float(scores["iou_rtm"]), "iou_rfm": as_float(scores["iou_rfm"]),
+          "iou_imp": as_float(scores["iou_imp"]),
+          "images": dict(self.repair_images)}
+    return report
+
+
+class _Accumulator(_Totals):
+  """Buffers maps per shape, runs full batches through the jitted statistics, sums on host."""
+
+  def __init__(self, num_classes, label_values, edge_size, batch_size, bf_tolerance,
+               dilation_ratio, repair_class=None, repair_k=1.0, devices=None):
+    super().__init__(num_classes, label_values, edge_size, bf_tolerance, repair_class, repair_k)
     devices = tuple(jax.local_devices() if devices is None else devices)
     if not devices:
       raise ValueError("devices: need at least one device to evaluate on")
@@ -245,14 +292,9 @@ class _Accumulator:
       batch_size = default_batch_size(devices)
     # Whole shards only: the batch is a multiple of the device count (padding fills it).
     self.batch_size = -(-max(1, int(batch_size)) // len(devices)) * len(devices)
-    self.bf_tolerance = float(bf_tolerance)
     self.fn, self.mesh = _jitted_statistics(num_classes, self.label_values, self.edge_size,
                                             self.bf_tolerance, float(dilation_ratio), devices)
-    self.totals = empty_totals(num_classes)
-    self.repair_totals = np.zeros((2, 2), np.int64)  # (inter, union) x (RTm, RFm)
-    self.repair_images = {"complete": 0, "partial": 0, "error": 0, "undefined": 0}
     self.buffers: Dict[tuple, List[tuple]] = {}
-    self.unmapped_files: Dict[str, Dict[str, int]] = {}
 
   def add(self, name: str, pred: np.ndarray, label: np.ndarray,
           coarse: Optional[np.ndarray] = None):
@@ -276,8 +318,7 @@ class _Accumulator:
     items = self.buffers.pop(shape, [])
     if not items:
       return
-    n = len(items)
-    pad = [items[0]] * (self.batch_size - n)
+    pad = [items[0]] * (self.batch_size - len(items))
     preds = np.stack([item[1] for item in items + pad])
     labels = np.stack([item[2] for item in items + pad])
     # Our own mesh, whatever mesh the caller (a trainer) has set: shard_map requires it.
@@ -285,37 +326,17 @@ class _Accumulator:
                     else contextlib.nullcontext())
     with jax.enable_x64(True), mesh_context:
       stats = jax.device_get(self.fn(preds, labels))
+    repair_iu = None
     if self.repair_class is not None:
       coarse = np.stack([item[3] for item in items + pad])
       fn = _jitted_repair(self.num_classes, self.label_values, self.repair_class)
-      inter, union = (np.asarray(a)[:n] for a in jax.device_get(fn(preds, labels, coarse)))
-      self.repair_totals += np.stack([inter.sum(0), union.sum(0)]).astype(np.int64)
-      for iou_imp in repair.repair_scores(inter, union, self.repair_k)["iou_imp"]:
-        self.repair_images[repair.repair_category(float(iou_imp))] += 1
-    stats = {k: np.asarray(v)[:n] for k, v in stats.items()}
-    summed = sum_statistics(stats)
-    for key, value in summed.items():
-      self.totals[key] = self.totals[key] + np.asarray(value).astype(self.totals[key].dtype)
-    for idx, (name, *_) in enumerate(items):
-      bad_label, bad_pred = int(stats["unmapped_label"][idx]), int(stats["unmapped_pred"][idx])
-      if bad_label or bad_pred:
-        self.unmapped_files[name] = {"label": bad_label, "pred": bad_pred}
+      repair_iu = jax.device_get(fn(preds, labels, coarse))
+    self.add_statistics([item[0] for item in items], stats, repair_iu)
 
   def finish(self) -> dict:
     for shape in list(self.buffers):
       self._flush(shape)
-    report = report_from_totals(self.totals, self.num_classes, self.label_values,
-                                self.edge_size, self.bf_tolerance)
-    report["files_with_unmapped_values"] = dict(sorted(self.unmapped_files.items()))
-    if self.repair_class is not None:
-      scores = repair.repair_scores(self.repair_totals[0], self.repair_totals[1], self.repair_k)
-      as_float = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
-      report["repair"] = {
-          "class": self.repair_class, "k": self.repair_k,
-          "iou_rtm": as_float(scores["iou_rtm"]), "iou_rfm": as_float(scores["iou_rfm"]),
-          "iou_imp": as_float(scores["iou_imp"]),
-          "images": dict(self.repair_images)}
-    return report
+    return self.report()
 
 
 def _check_label_values(num_classes: int, label_values: Optional[Sequence[int]]):
@@ -395,25 +416,23 @@ def _check_strict(report: dict, strict: bool):
 def read_map(path: str) -> np.ndarray:
   """Reads a PNG / TIF map as stored (no palette conversion); errors name the file."""
   try:
-    if path.lower().endswith((".tif", ".tiff")):
+    if str(path).lower().endswith((".tif", ".tiff")):
       try:
         import tifffile  # pylint: disable=g-import-not-at-top
-        return np.asarray(tifffile.imread(path))
+        return np.asarray(tifffile.imread(io.BytesIO(paths.read_bytes(path))))
       except ImportError:
         pass
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(path) as image:
-      return np.array(image)
+    return np.array(paths.read_image(path))
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"cannot read {path}: {e}") from e
 
 
 def _index_dir(directory: str) -> Dict[str, str]:
   """stem -> file name, preferring .png over .tif / .tiff when both exist."""
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise ValueError(f"not a directory: {directory}")
   found: Dict[str, str] = {}
-  for name in sorted(os.listdir(directory)):
+  for name in paths.listdir(directory):
     stem, ext = os.path.splitext(name)
     if ext.lower() not in IMAGE_EXTS:
       continue
@@ -458,9 +477,9 @@ def evaluate_dirs(pred_dir: str, label_dir: str, num_classes: int,
     except ImportError:
       pass
   for stem in iterator:
-    label = read_map(os.path.join(label_dir, labels[stem]))
-    pred = read_map(os.path.join(pred_dir, preds[stem]))
-    rough = None if coarse is None else read_map(os.path.join(coarse_dir, coarse[stem]))
+    label = read_map(paths.join(label_dir, labels[stem]))
+    pred = read_map(paths.join(pred_dir, preds[stem]))
+    rough = None if coarse is None else read_map(paths.join(coarse_dir, coarse[stem]))
     acc.add(stem, pred, label, rough)
   report = acc.finish()
   report["missing_predictions"] = len(missing)

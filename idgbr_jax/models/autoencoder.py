@@ -16,8 +16,6 @@ mean. The small variants exist so the pipeline can be trained end to end on CPU.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping
 
 import flax
@@ -83,54 +81,9 @@ class AutoencoderConfig:
     """Ratio of image size to latent size."""
     return 2 ** (len(self.block_out_channels) - 1)
 
-  @classmethod
-  def from_diffusers(cls, config_json: Mapping[str, Any] | str | os.PathLike,
-                     **overrides) -> "AutoencoderConfig":
-    """Builds a config from a diffusers `AutoencoderKL` config (dict or path to config.json).
 
-    Keys absent from the dict take diffusers' `AutoencoderKL.__init__` defaults (old SD-1.5
-    configs omit e.g. `scaling_factor`). Settings this port does not implement raise ValueError.
-
-    Args:
-      config_json: the parsed config.json, or its path.
-      **overrides: fields that diffusers does not record (`sample_posterior`, `remat`, ...).
-    """
-    if not isinstance(config_json, Mapping):
-      with open(config_json) as f:
-        config_json = json.load(f)
-    cfg = dict(config_json)
-    class_name = cfg.get("_class_name", "AutoencoderKL")
-    if class_name != "AutoencoderKL":
-      raise ValueError(f"expected an AutoencoderKL config, got _class_name={class_name!r}")
-    block_out_channels = tuple(cfg.get("block_out_channels", (64,)))
-    n = len(block_out_channels)
-    down = tuple(cfg.get("down_block_types", ("DownEncoderBlock2D",) * n))
-    up = tuple(cfg.get("up_block_types", ("UpDecoderBlock2D",) * n))
-    if down != ("DownEncoderBlock2D",) * n:
-      raise ValueError(f"unsupported down_block_types {down}: need {n} x 'DownEncoderBlock2D'")
-    if up != ("UpDecoderBlock2D",) * n:
-      raise ValueError(f"unsupported up_block_types {up}: need {n} x 'UpDecoderBlock2D'")
-    if cfg.get("act_fn", "silu") != "silu":
-      raise ValueError(f"unsupported act_fn {cfg['act_fn']!r}: only 'silu'")
-    for key in ("shift_factor", "latents_mean", "latents_std"):
-      if cfg.get(key) is not None:
-        raise ValueError(f"unsupported diffusers setting {key}={cfg[key]!r} (not SD-1.5 layout)")
-    fields = dict(
-        in_channels=int(cfg.get("in_channels", 3)),
-        out_channels=int(cfg.get("out_channels", 3)),
-        block_out_channels=block_out_channels,
-        layers_per_block=int(cfg.get("layers_per_block", 1)),
-        latent_channels=int(cfg.get("latent_channels", 4)),
-        norm_num_groups=int(cfg.get("norm_num_groups", 32)),
-        scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
-        mid_block_attention=bool(cfg.get("mid_block_add_attention", True)),
-        use_quant_conv=bool(cfg.get("use_quant_conv", True)),
-        use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
-    )
-    return _replace_checked(cls(**fields), overrides)
-
-
-def _replace_checked(config: AutoencoderConfig, overrides: Mapping[str, Any]) -> AutoencoderConfig:
+def replace_checked(config: AutoencoderConfig, overrides: Mapping[str, Any]) -> AutoencoderConfig:
+  """`dataclasses.replace(config, **overrides)`, naming unknown fields in a ValueError."""
   names = {f.name for f in dataclasses.fields(AutoencoderConfig)}
   unknown = sorted(set(overrides) - names)
   if unknown:
@@ -156,7 +109,7 @@ def get_config(variant: str, **overrides) -> AutoencoderConfig:
   """Named variant with field overrides; unknown variants / fields raise ValueError."""
   if variant not in VARIANTS:
     raise ValueError(f"unknown autoencoder variant {variant!r}; known: {sorted(VARIANTS)}")
-  return _replace_checked(VARIANTS[variant], overrides)
+  return replace_checked(VARIANTS[variant], overrides)
 
 
 @flax.struct.dataclass

@@ -23,11 +23,10 @@ the cross-attention can learn.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from idgbr_jax.models import layers
@@ -303,64 +302,3 @@ class GuidanceNet(nn.Module):
     mid = GuidanceBlock(cfg.mid_channels, cfg.mid_resolution, name="mid", **kw)(
         noisy_mid, jnp.concatenate([img_mid, coarse_mid], axis=-1))
     return tuple(outs), mid
-
-
-# ----------------------------------------------------------------------------------------------
-# Conversion from the original PyTorch `InteractNet` / `DformerBlock` state dict.
-
-
-def _get(state_dict: Mapping[str, Any], key: str) -> np.ndarray:
-  if key not in state_dict:
-    raise KeyError(f"guidance state dict is missing {key!r}")
-  v = state_dict[key]
-  if hasattr(v, "detach"):
-    v = v.detach().cpu().float().numpy()
-  return np.asarray(v, np.float32)
-
-
-def guidance_block_params_from_torch(state_dict: Mapping[str, Any], prefix: str = "",
-                                     num_layers: int = 1) -> dict:
-  """Params of one GuidanceBlock from a torch `DformerBlock` state dict (keys under `prefix`).
-
-  torch's packed `in_proj_weight` (3W, W) is split into the separate query/key/value kernels.
-  """
-  g = lambda k: _get(state_dict, prefix + k)
-  conv = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))
-  ln = lambda k: {"scale": g(k + ".weight"), "bias": g(k + ".bias")}
-  lin = lambda k: {"kernel": np.ascontiguousarray(g(k + ".weight").T), "bias": g(k + ".bias")}
-  attn = {
-      "pos_embedding": g("attn.positional_embedding"),
-      "conv_q": {"kernel": conv(g("attn.conv1_q.weight"))},
-      "conv_k": {"kernel": conv(g("attn.conv1_k.weight"))},
-      "ln_pre_q": ln("attn.ln_pre_q"),
-      "ln_pre_k": ln("attn.ln_pre_k"),
-      "ln_post": ln("attn.ln_post"),
-      "proj": {"kernel": conv(g("attn.proj.weight"))},
-  }
-  for i in range(num_layers):
-    p = f"attn.transformer.resblocks.{i}."
-    w_in, b_in = g(p + "attn.in_proj_weight"), g(p + "attn.in_proj_bias")
-    width = w_in.shape[1]
-    if w_in.shape[0] != 3 * width:
-      raise ValueError(f"{prefix}{p}attn.in_proj_weight has shape {w_in.shape}, expected "
-                       f"(3*W, W)")
-    mha = {name: {"kernel": np.ascontiguousarray(w_in[j * width:(j + 1) * width].T),
-                  "bias": b_in[j * width:(j + 1) * width]}
-           for j, name in enumerate(("query", "key", "value"))}
-    mha["out"] = lin(p + "attn.out_proj")
-    attn[f"block_{i}"] = {"ln_1q": ln(p + "ln_1q"), "ln_1k": ln(p + "ln_1k"),
-                          "ln_1v": ln(p + "ln_1v"), "ln_2": ln(p + "ln_2"), "mha": mha,
-                          "mlp_fc": lin(p + "mlp.c_fc"), "mlp_proj": lin(p + "mlp.c_proj")}
-  return {"res": {"kernel": conv(g("conv.weight")), "bias": g("conv.bias")}, "attn": attn}
-
-
-def guidance_params_from_torch(state_dict: Mapping[str, Any], config: GuidanceConfig,
-                               prefix: str = "") -> dict:
-  """Params of a GuidanceNet from the original `InteractNet` state dict
-  (`attn_blocks_down.{i}.*`, `attn_blocks_mid.*`; pass `prefix='interact_net.'` for SIDModel)."""
-  out = {f"skip_{i}": guidance_block_params_from_torch(
-      state_dict, f"{prefix}attn_blocks_down.{i}.", config.layers)
-         for i in range(len(config.skip_channels))}
-  out["mid"] = guidance_block_params_from_torch(state_dict, f"{prefix}attn_blocks_mid.",
-                                                config.layers)
-  return out

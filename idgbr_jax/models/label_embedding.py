@@ -14,7 +14,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import linen as nn
 
@@ -114,25 +113,3 @@ def label_embed_loss(model: LabelEmbedding, params, labels: jax.Array, rng: jax.
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
   return loss, {"loss": loss, "accuracy": accuracy}
-
-
-def label_embed_params_from_torch(state_dict, config: LabelEmbedConfig | None = None) -> dict:
-  """Params from the original `LabelEmbedNet` state dict (`embedding_table.weight`,
-  `embedding_conv.{0,2}.{weight,bias}`), e.g. the released `labelembednet{2,8}` safetensors."""
-  def get(key):
-    if key not in state_dict:
-      raise KeyError(f"label embedding state dict is missing {key!r}")
-    return np.asarray(state_dict[key], np.float32)
-
-  table = get("embedding_table.weight")
-  if config is not None and table.shape != (config.num_classes, 3):
-    raise ValueError(f"embedding_table.weight has shape {table.shape}, config expects "
-                     f"({config.num_classes}, 3)")
-  conv = lambda w: w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  return {
-      "embedding": table,
-      "decoder_hidden": {"kernel": conv(get("embedding_conv.0.weight")),
-                         "bias": get("embedding_conv.0.bias")},
-      "decoder_out": {"kernel": conv(get("embedding_conv.2.weight")),
-                      "bias": get("embedding_conv.2.bias")},
-  }

@@ -81,17 +81,25 @@ class Refiner:
       raise ValueError(f"image size {image_size} not divisible by the autoencoder factor {factor}")
     return image_size // factor
 
-  def init_trainable(self, rng: jax.Array, image_size: int) -> Params:
-    """Boxed (logically partitioned) params of the denoiser, CG net and projector."""
-    r_unet, r_guid, r_proj = jax.random.split(rng, 3)
+  def _init_inputs(self, image_size: int):
     h = self.latent_size(image_size)
     cfg = self.config
     z = jnp.zeros((1, h, h, cfg.denoiser.in_channels), jnp.float32)
     ctx = jnp.zeros((1, cfg.context_length, cfg.denoiser.cross_attention_dim), jnp.float32)
-    unet_params = self.unet.init(r_unet, z, jnp.zeros((1,), jnp.int32), ctx)["params"]
+    return z, jnp.zeros((1,), jnp.int32), ctx
+
+  def init_unet(self, rng: jax.Array, image_size: int) -> Params:
+    """The denoiser part of `init_trainable(rng, image_size)` (the same values), alone."""
+    r_unet = jax.random.split(rng, 3)[0]
+    return self.unet.init(r_unet, *self._init_inputs(image_size))["params"]
+
+  def init_trainable(self, rng: jax.Array, image_size: int) -> Params:
+    """Boxed (logically partitioned) params of the denoiser, CG net and projector."""
+    _, r_guid, r_proj = jax.random.split(rng, 3)
+    z, t, ctx = self._init_inputs(image_size)
+    unet_params = self.init_unet(rng, image_size)
     skips, mid = jax.eval_shape(
-        lambda p: self.unet.apply({"params": p}, z, jnp.zeros((1,), jnp.int32), ctx,
-                                  method=self.unet.encode), unet_params)
+        lambda p: self.unet.apply({"params": p}, z, t, ctx, method=self.unet.encode), unet_params)
     zeros = lambda s: jnp.zeros(s.shape, jnp.float32)  # noqa: E731
     sk, md = tuple(map(zeros, skips)), zeros(mid)
     out = {"unet": unet_params,
@@ -166,7 +174,7 @@ class Refiner:
                       z_coarse)
 
   # ----- the noise predictor ------------------------------------------------------------------
-  def _guided(self, trainable: Params, frozen: Params, z_t, t, cond: Conditions):
+  def _guided(self, trainable: Params, frozen: Params, z_t, t, cond: Conditions, keep=None):
     b = z_t.shape[0]
     ctx = self.context(frozen, b)
     skips, mid = self.unet.apply({"params": trainable["unet"]}, z_t, t, ctx,
@@ -174,19 +182,28 @@ class Refiner:
     residuals, mid_res = self.guidance.apply(
         {"params": trainable["guidance"]}, skips, mid, cond.img_skips, cond.img_mid,
         cond.coarse_skips, cond.coarse_mid)
-    return skips, mid, residuals, mid_res, ctx
+    if keep is not None:  # dropped examples get zero residuals: the unconditional branch
+      residuals = [r * keep[:, None, None, None].astype(r.dtype) for r in residuals]
+      mid_res = mid_res * keep[:, None, None, None].astype(mid_res.dtype)
+    # The REPA student is the last residual as the up path receives it (after the dropout).
+    return skips, mid, residuals, mid_res, ctx, residuals[-1]
 
-  def eps(self, trainable: Params, frozen: Params, z_t, t, cond: Conditions):
-    """Conditional ε̂(z_t, t) and the CG net's last skip residual (the REPA student feature)."""
-    skips, mid, residuals, mid_res, ctx = self._guided(trainable, frozen, z_t, t, cond)
+  def eps(self, trainable: Params, frozen: Params, z_t, t, cond: Conditions, keep=None):
+    """Conditional ε̂(z_t, t) and the CG net's last skip residual (the REPA student feature).
+
+    `keep` (B,) of 0/1, optional: 0 drops an example's condition (zero residuals), as
+    condition dropout does in training so the unconditional CFG branch is learned.
+    """
+    skips, mid, residuals, mid_res, ctx, student = self._guided(trainable, frozen, z_t, t, cond,
+                                                                keep)
     eps = self.unet.apply({"params": trainable["unet"]}, skips, mid, t, ctx, residuals, mid_res,
                           method=self.unet.decode)
-    return eps, residuals[-1]
+    return eps, student
 
   def eps_cfg(self, trainable: Params, frozen: Params, z_t, t, cond: Conditions):
     """(ε_c, ε_0) in one batched up-path call; ε_0 is the same UNet with zero residuals."""
     b = z_t.shape[0]
-    skips, mid, residuals, mid_res, ctx = self._guided(trainable, frozen, z_t, t, cond)
+    skips, mid, residuals, mid_res, ctx, _ = self._guided(trainable, frozen, z_t, t, cond)
     two = lambda x: jnp.concatenate([x, x])  # noqa: E731
     res2 = [jnp.concatenate([r, jnp.zeros_like(r)]) for r in residuals]
     mid2 = jnp.concatenate([mid_res, jnp.zeros_like(mid_res)])
@@ -194,6 +211,22 @@ class Refiner:
     eps = self.unet.apply({"params": trainable["unet"]}, [two(s) for s in skips], two(mid), t2,
                           two(ctx), res2, mid2, method=self.unet.decode)
     return eps[:b], eps[b:]
+
+  def losses(self, trainable: Params, frozen: Params, z_t, t, noise, cond: Conditions, *,
+             keep=None, image=None, align=None):
+    """The training terms (mse, repa) for one noised batch.
+
+    mse: mean squared error of ε̂ against `noise` (float32). repa: the REPA alignment of the
+    CG net's last residual with the teacher's tokens of `image`, computed only when `align` (a
+    traced bool, e.g. step < warm-up) is true and the refiner has a teacher; else 0.
+    """
+    eps, student = self.eps(trainable, frozen, z_t, t, cond, keep)
+    mse = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+    if align is None or self.teacher is None:
+      return mse, jnp.zeros((), jnp.float32)
+    repa_term = jax.lax.cond(align, lambda: self.repa_loss(trainable, frozen, student, image),
+                             lambda: jnp.zeros((), jnp.float32))
+    return mse, repa_term
 
   # ----- outputs ---------------------------------------------------------------------------
   def decode_logits(self, frozen: Params, z0: jax.Array) -> jax.Array:

@@ -224,16 +224,3 @@ class Projector(nn.Module):
     x = layers.Dense(self.hidden_dim, in_axis="mlp", out_axis="embed", name="fc2", **kw)(x)
     x = nn.silu(x)
     return layers.Dense(self.out_dim, in_axis="embed", out_axis="mlp", name="fc3", **kw)(x)
-
-
-def projector_params_from_torch(state_dict, prefix: str = "projectors.0.") -> dict:
-  """Params for `Projector` from the original's `build_mlp` (nn.Sequential indices 0, 2, 4)."""
-  out = {}
-  for name, idx in (("fc1", 0), ("fc2", 2), ("fc3", 4)):
-    wk, bk = f"{prefix}{idx}.weight", f"{prefix}{idx}.bias"
-    for k in (wk, bk):
-      if k not in state_dict:
-        raise KeyError(f"projector state dict is missing {k!r}")
-    out[name] = {"kernel": np.asarray(state_dict[wk], np.float32).T,
-                 "bias": np.asarray(state_dict[bk], np.float32)}
-  return out

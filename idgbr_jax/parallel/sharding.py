@@ -15,11 +15,11 @@ every model size.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -46,24 +46,43 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
-  """Builds a ('data', 'fsdp', 'tensor') mesh. One size may be -1 (fills the rest).
-
-  Args:
-    shape: {'data': -1, 'fsdp': 1, 'tensor': 1} or a 3-sequence in MESH_AXES order.
-    devices: devices to use; default all of `jax.devices()`.
-  """
+def _axis_sizes(shape: Mapping[str, int] | Sequence[int], what: str) -> list[int]:
   if isinstance(shape, Mapping):
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
-      raise ValueError(f"mesh_shape has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}")
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-  else:
-    sizes = [int(s) for s in shape]
-    if len(sizes) != len(MESH_AXES):
-      raise ValueError(f"mesh_shape needs {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
+      raise ValueError(f"{what} has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}")
+    return [int(shape.get(a, 1)) for a in MESH_AXES]
+  sizes = [int(s) for s in shape]
+  if len(sizes) != len(MESH_AXES):
+    raise ValueError(f"{what} needs {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
+  return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None,
+              dcn_shape: Mapping[str, int] | Sequence[int] | None = None) -> Mesh:
+  """Builds a ('data', 'fsdp', 'tensor') mesh. One size may be -1 (fills the rest).
+
+  The device order comes from `mesh_utils` (what `jax.make_mesh` uses): on TPU, neighbouring
+  mesh positions are neighbouring chips on the interconnect.
+
+  Args:
+    shape: per-slice sizes, {'data': -1, 'fsdp': 1, 'tensor': 1} or a 3-sequence in MESH_AXES
+      order (one slice: the whole mesh).
+    devices: devices to use; default all of `jax.devices()`.
+    dcn_shape: multi-slice: how many slices each axis spans over the data-centre network, e.g.
+      {'data': 2} for two v5e-256 slices doing data parallelism between them. Granules are TPU
+      slices, or processes on platforms without slices (CPU, GPU hosts).
+  """
+  sizes = _axis_sizes(shape, "mesh_shape")
+  dcn = _axis_sizes(dcn_shape or {}, "dcn_mesh_shape")
+  if any(d < 1 for d in dcn):
+    raise ValueError(f"dcn_mesh_shape sizes must be >= 1, got {dict(zip(MESH_AXES, dcn))}")
   devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
+  slices = math.prod(dcn)
+  if len(devices) % slices:
+    raise ValueError(f"dcn_mesh_shape {dict(zip(MESH_AXES, dcn))} ({slices} slices) does not "
+                     f"divide {len(devices)} devices")
+  n = len(devices) // slices  # devices per slice
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh_shape may have at most one -1, got {sizes}")
   if -1 in sizes:
@@ -74,9 +93,27 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
   needed = math.prod(sizes)
   if needed > n:
     raise ValueError(f"mesh_shape {dict(zip(MESH_AXES, sizes))} needs {needed} devices, "
-                     f"but {n} are available")
-  # An explicit smaller mesh uses the first devices (e.g. a 1-device reference run).
-  return Mesh(np.asarray(devices[:needed]).reshape(sizes), MESH_AXES)
+                     f"but {n} are available" + (" per slice" if slices > 1 else ""))
+  if slices > 1:
+    if needed != n:
+      raise ValueError(f"mesh_shape {dict(zip(MESH_AXES, sizes))} must use all {n} devices of "
+                       "each slice with a dcn_mesh_shape")
+    # Granules are TPU slices; where devices report no slices (CPU and GPU hosts say 0), the
+    # processes are the granules.
+    by_process = len({getattr(d, "slice_index", 0) for d in devices}) != slices
+    array = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices,
+                                                 process_is_granule=by_process,
+                                                 allow_split_physical_axes=True)
+  else:
+    # An explicit smaller mesh uses the first devices (e.g. a 1-device reference run).
+    array = mesh_utils.create_device_mesh(sizes, devices[:needed], allow_split_physical_axes=True)
+  return Mesh(array, MESH_AXES)
+
+
+def mesh_from_config(config) -> Mesh:
+  """The mesh a train/predict/refine config asks for (`mesh_shape`, optional `dcn_mesh_shape`)."""
+  dcn = config.get("dcn_mesh_shape")
+  return make_mesh(config.mesh_shape.to_dict(), dcn_shape=dcn.to_dict() if dcn else None)
 
 
 def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
@@ -120,3 +157,28 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def create_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
+                   rules=DEFAULT_RULES) -> tuple[Any, Any]:
+  """Allocates `init_fn(rng)` directly sharded: shapes first, then shardings, then one jit.
+
+  `init_fn` may return logically-partitioned (boxed) params; the returned tree is unboxed and
+  comes with its NamedSharding tree.
+  """
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = param_shardings(abstract, mesh, rules)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
+                     rules=DEFAULT_RULES) -> tuple[Any, Any]:
+  """What `create_sharded` would allocate, as ShapeDtypeStructs with their shardings (nothing
+  is computed: the target of a restore)."""
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = param_shardings(abstract, mesh, rules)
+  unboxed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         nn.meta.unbox(abstract), shardings)
+  return unboxed, shardings

@@ -1,16 +1,18 @@
-"""Pieces every trainer shares: workdir checks, writers, sharded state creation, dtypes."""
+"""Pieces every trainer shares: workdir checks, writers and the evaluation cadence."""
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import logging
 
-from idgbr_jax.parallel import sharding
+from idgbr_jax import paths
+from idgbr_jax.train import preemption
 
 
 class WorkdirError(RuntimeError):
@@ -18,46 +20,30 @@ class WorkdirError(RuntimeError):
 
 
 def ensure_workdir(workdir: str) -> str:
-  """Creates `workdir` and checks it is writable before any work starts (so none is lost)."""
+  """Creates `workdir` (local or a bucket URL) and checks it is writable before any work starts
+  (so none is lost). Returns it absolute / as a URL string."""
   if not workdir:
     raise WorkdirError("--workdir is required")
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  path = paths.resolve(workdir)
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f"workdir {path} is not writable: it is a file")
+  probe = path / f".write_check_{os.getpid()}_{jax.process_index()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check_"):
-      pass
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"")
+    probe.unlink()
   except OSError as e:
-    raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
-  return workdir
+    raise WorkdirError(f"workdir {path} is not writable: {e.strerror or e}") from e
+  return str(path)
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def dtype_from_name(name: str):
-  if name not in DTYPES:
-    raise ValueError(f"dtype {name!r} unknown; allowed: {sorted(DTYPES)}")
-  return DTYPES[name]
-
-
-def init_key(seed: int) -> jax.Array:
-  """Key for parameter initialisation. RBG, not threefry: every initializer is a separate RNG
-  computation, and threefry's make init programs take several times longer to compile on CPU."""
-  return jax.random.key(seed, impl="rbg")
-
-
-def create_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: jax.sharding.Mesh,
-                   rules) -> tuple[Any, Any]:
-  """Allocates `init_fn(rng)` directly sharded: shapes first, then shardings, then one jit.
-
-  `init_fn` may return logically-partitioned (boxed) params; the returned tree is unboxed and
-  comes with its NamedSharding tree.
-  """
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = sharding.param_shardings(abstract, mesh, rules)
-  with jax.set_mesh(mesh):
-    state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
-  return state, shardings
+def create_writer(config: ml_collections.ConfigDict, workdir: str):
+  """clu's writer: TensorBoard events on process 0 (`config.summary_dir`, default the workdir;
+  TensorBoard's writer goes through TensorFlow's file systems, local or gs://), logging only on
+  the other processes."""
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  return metric_writers.create_default_writer(config.get("summary_dir") or workdir,
+                                              just_logging=jax.process_index() > 0)
 
 
 def l2_norm(tree) -> jax.Array:
@@ -67,22 +53,6 @@ def l2_norm(tree) -> jax.Array:
 
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree))))
-
-
-def host_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """This process's share of a batch that every process built in full (evaluation)."""
-  pc, pi = jax.process_count(), jax.process_index()
-  if pc == 1:
-    return batch
-  return {k: np.array_split(v, pc)[pi] for k, v in batch.items()}
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-host) global array, fully on this host."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def write_train_metrics(writer, step: int, train_metrics) -> None:
@@ -104,11 +74,36 @@ def report_scalars(report: dict, prefix: str) -> dict[str, float]:
   return out
 
 
-def eval_kwargs(data_config, num_classes: int) -> dict[str, Any]:
-  """`evaluate_maps` arguments for a dataset: the classes the original scores (Potsdam and
-  Vaihingen: index values 1..5, clutter excluded) when the data config names them."""
-  values = data_config.get("eval_label_values")
-  if not values:
-    return {"num_classes": num_classes}
-  return {"num_classes": int(data_config.get("eval_num_classes") or len(values)),
-          "label_values": tuple(int(v) for v in values)}
+def is_eval_step(step: int, config: ml_collections.ConfigDict) -> bool:
+  """`config.eval_every_steps`: N > 0 evaluates every N steps and after the last step; 0 only
+  after the last step; -1 never (e.g. when the caller evaluates itself, as the demo does)."""
+  every = int(config.eval_every_steps)
+  if every < 0:
+    return False
+  return step == config.num_train_steps or (every > 0 and step % every == 0)
+
+
+def write_hparams(writer, config: ml_collections.ConfigDict) -> None:
+  """The config's scalar leaves as TensorBoard hparams (dotted keys)."""
+  writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+                        if isinstance(v, (int, float, str, bool))})
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def save_for_preemption(ckpt, step: int, state, config, saved: bool) -> int:
+  """After a preemption notice: this step's checkpoint (unless the loop just saved it), waited
+  for, so the process can exit. Returns the step."""
+  if not saved:
+    ckpt.save(step, state, config=config, force=True)
+  ckpt.wait_until_finished()
+  logging.warning(preemption.resume_message(step, ckpt.directory))
+  return step

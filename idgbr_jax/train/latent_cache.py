@@ -7,10 +7,11 @@ elements (`transforms.DIHEDRAL_CODES`: 1, 4 or 8 of them), so each (example, ele
 once here and the step draws the latent from the cached moments. Same distribution and, for the
 same rng, the same draws as the uncached step (`Refiner.latent_from_moments`); tested.
 
-Memory per process: records × elements × 3 maps × (H/f · W/f · 2C) float32. The demo (256 × 8 ×
-3 × 16·16·8) is 50 MB; SD-1.5 at 512 px is 384 KB per (example, element), so 8 elements of a
-3,600-image split need ~11 GB: cache fewer elements (augment=flip or none) or shard over more
-processes. Random crops cannot be enumerated and are refused.
+Memory per process (every process holds the whole table, as every process may read any example):
+records × elements × 3 maps × (H/f · W/f · 2C) float32. The demo (256 × 8 × 3 × 16·16·8) is
+50 MB; SD-1.5 at 512 px is 384 KB per (example, element), so 8 elements of a 3,600-image split
+need ~11 GB: cache fewer elements (augment=flip or none) or leave the cache off. Random crops
+cannot be enumerated and are refused.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from idgbr_jax.data import pipeline, transforms
-from idgbr_jax.parallel import sharding
+from idgbr_jax.parallel import multihost, sharding
 
 KEYS = ("image", "label", "coarse")
 
@@ -61,21 +62,13 @@ def moment_keys(use_coarse: bool) -> tuple[str, ...]:
   return KEYS if use_coarse else KEYS[:2]
 
 
-def _local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in its local batch order."""
-  shards = {}
-  for shard in x.addressable_shards:
-    start = shard.index[0].start or 0
-    shards.setdefault(start, shard)
-  return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
-
-
 def build(ref, frozen, frozen_sh, config: ml_collections.ConfigDict, num_classes: int, mesh,
           rules, *, coarse_dir: str | None, batch_size: int | None = None) -> LatentCache:
-  """Encodes every (training record of this process, augmentation element) with the frozen VAE.
+  """Encodes every (training record, augmentation element) with the frozen VAE.
 
-  Every process runs the same number of global batches (the encoder is one multi-host jit);
-  a process with fewer records pads with zeros and drops the padded rows.
+  The training stream is the same on every process (`data.pipeline`), so every process holds
+  the whole table: the encoder runs over global batches (each process reads its rows of each)
+  and the moments are gathered to every host.
   """
   cfg = config.data
   if cfg.crop_size:
@@ -89,14 +82,12 @@ def build(ref, frozen, frozen_sh, config: ml_collections.ConfigDict, num_classes
   # The records Stage II trains on: no ignore value (see transforms.NO_IGNORE).
   records = pipeline.train_records(config, num_classes, coarse_dir=coarse_dir,
                                    ignore_index=transforms.NO_IGNORE)
-  n_local = len(records)
-  n_max = n_local
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    n_max = int(np.max(multihost_utils.process_allgather(np.int64(n_local))))
-  per_process = pipeline.per_process_batch(batch_size or config.batch_size)
-  items = [(row, slot) for row in range(n_local) for slot in range(len(codes))]
-  num_batches = math.ceil(n_max * len(codes) / per_process)
+  n = len(records)
+  global_batch = batch_size or config.batch_size
+  per_process = pipeline.per_process_batch(global_batch)
+  first_row = jax.process_index() * per_process
+  items = [(row, slot) for row in range(n) for slot in range(len(codes))]
+  num_batches = math.ceil(len(items) / global_batch)
 
   batch_sh = {"image": sharding.batch_sharding(mesh, 4, rules),
               "label": sharding.batch_sharding(mesh, 3, rules),
@@ -111,7 +102,6 @@ def build(ref, frozen, frozen_sh, config: ml_collections.ConfigDict, num_classes
       out["coarse"] = ref.label_moments(frozen, batch["coarse"])
     return out
 
-  rows: dict[str, int] = {}
   normalize = transforms.Normalize(cfg.normalization, keep_id=True)
   example_cache: dict[int, dict[str, Any]] = {}
 
@@ -123,29 +113,32 @@ def build(ref, frozen, frozen_sh, config: ml_collections.ConfigDict, num_classes
         if "coarse" in keys:
           raise ValueError(f"example {e['id']}: no coarse map (config.data.coarse_dir unset?)")
         e["coarse"] = np.zeros_like(e["label"])
-      rows[e["id"]] = row
       example_cache[row] = e
     return example_cache[row]
 
   # Square examples (rot90 keeps the shape); the size every process encodes at.
-  size = example(0)["label"].shape[0] if n_local else cfg.image_size
+  size = example(0)["label"].shape[0] if n else cfg.image_size
   h = ref.latent_size(size)
   channels = 2 * ref.config.autoencoder.latent_channels
-  moments = {k: np.zeros((n_local, len(codes), h, h, channels), np.float32) for k in keys}
+  moments = {k: np.zeros((n, len(codes), h, h, channels), np.float32) for k in keys}
+  ids = [None] * n
   for b in range(num_batches):
-    chunk = items[b * per_process:(b + 1) * per_process]
+    chunk = items[b * global_batch:(b + 1) * global_batch]
     host = {k: np.zeros((per_process, size, size) + ((3,) if k == "image" else ()),
                         np.float32 if k == "image" else np.int32) for k in KEYS}
-    for i, (row, slot) in enumerate(chunk):
+    for i, (row, slot) in enumerate(chunk[first_row:first_row + per_process]):
       e = example(row)
       for k in KEYS:
         host[k][i] = transforms.dihedral(e[k], codes[slot])
     out = encode(frozen, pipeline.to_global(host, mesh, rules))
     for k in keys:
-      local = _local_rows(out[k])
+      full = multihost.to_host(out[k])  # every process's rows: the whole global batch
       for i, (row, slot) in enumerate(chunk):
-        moments[k][row, slot] = local[i]
-  cache = LatentCache(rows=rows, slots={c: i for i, c in enumerate(codes)}, moments=moments)
-  logging.info("latent cache: %d examples x %d augmentations x %s, %.1f MB on this process",
-               n_local, len(codes), "/".join(keys), cache.nbytes / 2**20)
+        moments[k][row, slot] = full[i]
+  for row in range(n):
+    ids[row] = records[row]["id"]
+  cache = LatentCache(rows={example_id: row for row, example_id in enumerate(ids)},
+                      slots={c: i for i, c in enumerate(codes)}, moments=moments)
+  logging.info("latent cache: %d examples x %d augmentations x %s, %.1f MB per process",
+               n, len(codes), "/".join(keys), cache.nbytes / 2**20)
   return cache

@@ -21,13 +21,24 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_train_steps: int)
                    "warmup_constant, constant")
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, num_train_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (torch defaults eps=1e-8) after clipping the global gradient norm."""
+  """AdamW (torch defaults eps=1e-8; the default) or plain SGD (`cfg.optimizer="sgd"`, e.g. to
+  compare updates across device counts: its step is lr * gradient, which Adam's is not), after
+  clipping the global gradient norm."""
   schedule = learning_rate_schedule(cfg, num_train_steps)
   chain = []
   if cfg.clip_norm:
     chain.append(optax.clip_by_global_norm(cfg.clip_norm))
-  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.get("eps", 1e-8),
-                           weight_decay=cfg.weight_decay))
+  name = cfg.get("optimizer", "adamw")
+  if name == "adamw":
+    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.get("eps", 1e-8),
+                             weight_decay=cfg.weight_decay))
+  elif name == "sgd":
+    chain.append(optax.sgd(schedule))
+  else:
+    raise ValueError(f"config.optim.optimizer={name!r}; allowed: {OPTIMIZERS}")
   return optax.chain(*chain), schedule

@@ -83,7 +83,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, data_config: ml_collect
   images get exactly the normalisation Stage II feeds the VAE.
   """
   out_dir = common.ensure_workdir(out_dir)
-  mesh = sharding.make_mesh(data_config.mesh_shape.to_dict())
+  mesh = sharding.mesh_from_config(data_config)
   rules = tuple(data_config.sharding_rules)
   num_classes = sources.num_classes(data_config.data)
   ae_cfg = autoencoder.get_config(config.variant, **dict(config.get("overrides", {})))
@@ -93,7 +93,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, data_config: ml_collect
   le_params = params_ckpt.load_params(label_embed_dir)
   tx, _ = optim.make_optimizer(config.optim, config.steps)
   size = data_config.data.image_size
-  state, state_sh = common.create_sharded(_state_init(
+  state, state_sh = sharding.create_sharded(_state_init(
       lambda r: model.init(r, jnp.zeros((1, size, size, 3)), None, False)["params"], tx),
       jax.random.key(config.seed), mesh, rules)
   batch_sh = {"image": sharding.batch_sharding(mesh, 4, rules),

@@ -1,28 +1,28 @@
 """Stage I: train a discriminative segmenter (UNet / DeepLabv3+ / SegFormer) on a device mesh.
 
 Reads top to bottom: Workdir & logging / Mesh / Input pipeline / Model & optimizer / Sharded
-state / Train step / Checkpoint restore / Train loop. The predict helpers at the bottom are
-shared with `idgbr predict` (coarse maps for Stage II) and the demo.
+state / Train step / Checkpoint restore / Train loop. The model comes from
+`idgbr_jax.assembly.stage1`, evaluation from `idgbr_jax.inference.stage1`; cross-fitted train
+coarse maps (fold models trained here) are at the bottom.
 """
 
-import functools
-import os
-from typing import Any, Iterator
+import copy
+from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 
-from idgbr_jax import checkpoints
+from idgbr_jax import checkpoints, paths
+from idgbr_jax.assembly import stage1 as assembly
 from idgbr_jax.data import pipeline, sources
-from idgbr_jax.models import backbones
+from idgbr_jax.inference import stage1 as infer
 from idgbr_jax.parallel import sharding
-from idgbr_jax.train import common, losses, optim
+from idgbr_jax.train import common, losses, optim, preemption
 
 
 @flax.struct.dataclass
@@ -34,21 +34,12 @@ class TrainMetrics(metrics.Collection):
   learning_rate: metrics.LastValue.from_output("learning_rate")
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  overrides = config.model.overrides.to_dict() if "overrides" in config.model else {}
-  return backbones.get_backbone(config.model.backbone, num_classes, config.model.variant,
-                                dtype=common.dtype_from_name(config.model.dtype), **overrides)
-
-
-def input_size(config: ml_collections.ConfigDict) -> int:
-  return config.data.crop_size or config.data.image_size
-
-
 def make_init_fn(model, tx, image_size: int):
   """rng -> train state dict (boxed params, so shardings can be read off `eval_shape`)."""
+  init_variables = assembly.variables_init_fn(model, image_size)
+
   def init(rng):
-    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
-                           train=False)
+    variables = init_variables(rng)
     state = {"params": variables["params"], "opt_state": tx.init(variables["params"]),
              "step": jnp.zeros((), jnp.int32)}
     if "batch_stats" in variables:
@@ -96,69 +87,32 @@ def make_train_step(model, tx, schedule, num_classes: int, config: ml_collection
   return train_step
 
 
-def make_predict_fn(model, variable_shardings, mesh, rules):
-  """Jitted (variables, images) -> class-index maps, sharded over the batch."""
-  images_sharding = sharding.batch_sharding(mesh, 4, rules)
-  out_sharding = sharding.batch_sharding(mesh, 3, rules)
-
-  @functools.partial(jax.jit, in_shardings=(variable_shardings, images_sharding),
-                     out_shardings=out_sharding)
-  def predict(variables, images):
-    logits = model.apply(variables, images, train=False)
-    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
-  return predict
-
-
-def predict_dataset(predict_fn, variables, ds, batch_size: int, mesh, rules
-                    ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-  """Yields (id, predicted map, label) over an eval dataset, in order."""
-  for batch, ids, valid in pipeline.eval_batches(ds, batch_size, keys=("image", "label")):
-    images = pipeline.to_global(common.host_slice({"image": batch["image"]}), mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      preds = common.to_host(predict_fn(variables, images["image"]))
-    for i in range(valid):
-      yield ids[i], preds[i], batch["label"][i]
-
-
-def evaluate(predict_fn, variables, ds, config, num_classes: int, mesh, rules) -> dict[str, Any]:
-  """The evaluation suite's report (mIoU, mF1, WF, ...) on a whole split."""
-  from idgbr_jax import metrics as seg_metrics  # pylint: disable=import-outside-toplevel
-  preds, labels = [], []
-  for _, pred, label in predict_dataset(predict_fn, variables, ds, config.eval_batch_size, mesh,
-                                        rules):
-    preds.append(pred)
-    labels.append(label)
-  return seg_metrics.evaluate_maps(preds, labels, **common.eval_kwargs(config.data, num_classes))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains Stage I; resumes from `<workdir>/checkpoints` if present. Returns the last eval."""
   # ----- Workdir & logging -------------------------------------------------------------------
   workdir = common.ensure_workdir(workdir)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
-                        if isinstance(v, (int, float, str, bool))})
+  writer = common.create_writer(config, workdir)
+  common.write_hparams(writer, config)
 
   # ----- Mesh ----------------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh_shape.to_dict())
+  mesh = sharding.mesh_from_config(config)
   rules = tuple(config.sharding_rules)
   logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
 
   # ----- Input pipeline ------------------------------------------------------------------------
   num_classes = sources.num_classes(config.data)
-  train_iter = iter(pipeline.train_dataset(config, num_classes))
   eval_ds = pipeline.eval_dataset(config, config.data.eval_split, num_classes)
 
   # ----- Model & optimizer ---------------------------------------------------------------------
-  model = build_model(config, num_classes)
+  model = assembly.build_model(config, num_classes)
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
 
   # ----- Sharded state -------------------------------------------------------------------------
-  state, state_shardings = common.create_sharded(
-      make_init_fn(model, tx, input_size(config)), init_rng, mesh, rules)
+  state, state_shardings = sharding.create_sharded(
+      make_init_fn(model, tx, assembly.input_size(config)), init_rng, mesh, rules)
   logging.info("%s/%s: %d parameters", config.model.backbone, config.model.variant,
                common.count_params(state["params"]))
 
@@ -169,23 +123,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
-  predict_fn = make_predict_fn(model, _variables(state_shardings), mesh, rules)
+  predict_fn = infer.make_predict_fn(model, _variables(state_shardings), mesh, rules)
 
   # ----- Checkpoint restore --------------------------------------------------------------------
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoints.Checkpointer(paths.join(workdir, "checkpoints"),
                                   max_to_keep=config.max_checkpoints_to_keep)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(None, state, shardings=state_shardings, data_iterator=train_iter)
+    state = ckpt.restore(None, state, shardings=state_shardings)
     logging.info("resumed from step %d", int(state["step"]))
   start_step = int(state["step"])
+  # The data stream's position is the step: a resumed run reads the batches it would have.
+  train_iter = iter(pipeline.train_dataset(config, num_classes, start_step=start_step))
 
   # ----- Train loop ----------------------------------------------------------------------------
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
-  train_metrics = None
+  train_metrics, preempted_at = None, None
   last_eval: dict[str, Any] = {}
   # Trace under the mesh and the rules so the models' activation constraints take effect.
-  with metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), nn.logical_axis_rules(rules), \
+      preemption.PreemptionGuard() as guard:
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with report_progress.timed("data"):
@@ -196,24 +153,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
         common.write_train_metrics(writer, step, train_metrics)
         train_metrics = None
-      if config.eval_every_steps and (step % config.eval_every_steps == 0 or
-                                      step == config.num_train_steps):
+      saved = step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
+      if saved:
+        ckpt.save(step, state, config=config)
+      if guard.reached(step):
+        preempted_at = common.save_for_preemption(ckpt, step, state, config, saved)
+        break
+      if common.is_eval_step(step, config):
         with report_progress.timed("eval"):
-          last_eval = evaluate(predict_fn, _variables(state), eval_ds, config, num_classes, mesh,
-                               rules)
+          last_eval = infer.evaluate(predict_fn, _variables(state), eval_ds, config,
+                                     num_classes, mesh, rules)
         writer.write_scalars(step, common.report_scalars(last_eval, "eval"))
-      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-        ckpt.save(step, state, data_iterator=train_iter, config=config)
   ckpt.wait_until_finished()
   ckpt.close()
-  return {"state": state, "eval": last_eval}
+  return {"state": state, "eval": last_eval, "preempted_at": preempted_at,
+          "checkpoint_dir": ckpt.directory}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+# ----- cross-fitted coarse maps ----------------------------------------------------------------
+def fold_config(config: ml_collections.ConfigDict, num_folds: int, fold: int
+                ) -> ml_collections.ConfigDict:
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    cfg.data.num_folds = num_folds
+    cfg.data.fold = fold
+    cfg.eval_every_steps = -1
+  return cfg
+
+
+def predict_cross_fitted(workdir: str, out_dir: str, num_folds: int,
+                         config: ml_collections.ConfigDict | None = None) -> int:
+  """Train-split coarse maps by k-fold cross-fitting (trains missing fold models first)."""
+  config = config or checkpoints.load_config(paths.join(workdir, "checkpoints"))
+  n_train = len(sources.get_source(config.data, config.data.train_split))
+  total = 0
+  for fold in range(num_folds):
+    cfg = fold_config(config, num_folds, fold)
+    fold_dir = paths.join(workdir, "folds", f"fold{fold}")
+    train_and_evaluate(cfg, fold_dir)  # resumes / returns at once when already trained
+    held_out = pipeline.fold_indices(n_train, num_folds, fold, cfg.seed, held_out=True)
+    total += infer.predict_split(fold_dir, cfg.data.train_split, out_dir, indices=held_out,
+                                 config=cfg)
+  return total

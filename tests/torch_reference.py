@@ -2,8 +2,11 @@
 `src/models/SuperModel.py`), written from its description: res = Conv1x1(3C -> C), a
 cross-attention branch with queries from res and keys/values from the condition (learned
 positional embedding shared by q and k, key-stream residual, QuickGELU MLP, post-norm, output
-projection), plus res. Used by the parity test and by the PyTorch side of bench/bench_stage2.py.
-torch is passed in, so importing this module does not need torch installed.
+projection), plus res. Used by the parity tests (`tests/test_guidance.py`,
+`tests/test_convert_idgbr.py`: pytest puts tests/ on sys.path, so `import torch_reference`) and
+by the PyTorch side of bench/bench_stage2.py, which adds tests/ to sys.path itself. It is test
+code, not part of the package. torch is passed in, so importing this module does not need torch
+installed.
 """
 
 
