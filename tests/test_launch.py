@@ -95,3 +95,21 @@ def test_accelerator_extras_pin_the_tested_jax():
     makefile = f.read()
   assert re.search(r"^install-tpu:", makefile, re.M) and "'.[tpu]'" in makefile
   assert re.search(r"^install-cuda:", makefile, re.M) and "'.[cuda12]'" in makefile
+
+
+def test_slurm_sets_up_once_then_runs_everywhere_with_sigterm_before_the_limit(tmp_path):
+  srun, log = _fake_gcloud(tmp_path)  # the same argument recorder, standing in for srun
+  os.rename(srun, tmp_path / "srun")
+  env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+             SLURM_SUBMIT_DIR=REPO)
+  script = os.path.join(LAUNCH, "slurm_gpu.sbatch")
+  res = subprocess.run(["bash", script, "train", "--config=configs/stage1_synthetic.py",
+                        "--workdir=/scratch/runs/s1"], env=env, capture_output=True, text=True,
+                       timeout=60)
+  assert res.returncode == 0, res.stderr
+  setup, run = _calls(log)
+  assert setup == ["--nodes=1", "--ntasks=1", "bash", "launch/setup_worker.sh", "cuda12", REPO]
+  assert run == ["--kill-on-bad-exit=1", "env", "IDGBR_DISTRIBUTED=1", ".venv/bin/idgbr",
+                 "train", "--config=configs/stage1_synthetic.py", "--workdir=/scratch/runs/s1"]
+  with open(script) as f:
+    assert "#SBATCH --signal=TERM@120" in f.read()  # the trainer's preemption save
