@@ -65,6 +65,10 @@ def get_config(arg=None):
   # TensorBoard event files ("": the workdir). Checkpoints always go to <workdir>/checkpoints.
   config.summary_dir = ""
   config.max_checkpoints_to_keep = 2
+  # A non-finite loss or gradient never reaches a checkpoint. "stop": end the run at it (the
+  # last checkpoint is kept); "skip": leave that step's update out, up to nan_max_skips steps.
+  config.nan_policy = "stop"
+  config.nan_max_skips = 10
   config.eval_batch_size = 16
 
   config.mesh_shape = common.mesh_config(data=-1)

@@ -6,7 +6,9 @@ r"""Stage II (the IDGBR refiner) on the embedded synthetic dataset.
 
 Ablations (as the original's configs): full | no_rough | no_align | cubic | no_cubic.
 Ours, as flags: --config.model.guidance_init_mode=paper, --config.diffusion.guidance_scale=...,
---config.diffusion.num_inference_steps=..., --config.diffusion.cond_dropout=0.1.
+--config.diffusion.num_inference_steps=..., --config.diffusion.cond_dropout=0.1,
+--config.diffusion.strength=0.2 --config.diffusion.start=coarse|noise.
+Fine-tune an imported original run: --config.init.refiner=DIR (from `idgbr convert --from=idgbr`).
 `sd15` sizes: --config.model.denoiser=sd15 with real weights (see README).
 """
 import ml_collections
@@ -61,6 +63,10 @@ def get_config(arg=None):
   config.init.unet = ml_collections.FieldReference(None, field_type=str)     # None: random init
   config.init.teacher = ml_collections.FieldReference(None, field_type=str)  # None: random init
   config.init.context = ml_collections.FieldReference(None, field_type=str)  # .npy; None: zeros
+  # A whole refiner from `idgbr convert --from=idgbr` (an original IDGBR run, or our export):
+  # unet + guidance (+ projector) start from it, and its own unet_ori, vae, label_embed and
+  # context are the frozen parts (an init.autoencoder / label_embed / context set here wins).
+  config.init.refiner = ml_collections.FieldReference(None, field_type=str)
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.beta_schedule = "scaled_linear"
@@ -73,9 +79,12 @@ def get_config(arg=None):
   config.diffusion.sample_posterior = True  # the original samples the VAE latent
   config.diffusion.num_inference_steps = 25
   config.diffusion.guidance_scale = 3.0
-  # ours: 1.0 starts DDIM from pure noise (the original); s < 1 starts from the coarse latent
-  # noised to the step that leaves int(s * steps) steps (img2img), keeping the coarse layout.
+  # 1.0 runs every DDIM step from pure noise (the original). s < 1 runs only the last
+  # int(s * steps) steps, starting (`start`) from "coarse" (ours, diffusers' img2img: the coarse
+  # latent noised to that step, keeping the coarse layout) or "noise" (the original pipeline's
+  # strength: the early steps are skipped but the start is still pure noise).
   config.diffusion.strength = 1.0
+  config.diffusion.start = "coarse"
   # ours: 0 trains on all T timesteps (the original); m > 0 only on t < m, the range an
   # img2img start at strength <= m / T uses (uniform strategy only).
   config.diffusion.train_max_timestep = 0
@@ -109,6 +118,10 @@ def get_config(arg=None):
   # TensorBoard event files ("": the workdir). Checkpoints always go to <workdir>/checkpoints.
   config.summary_dir = ""
   config.max_checkpoints_to_keep = 2
+  # A non-finite loss or gradient never reaches a checkpoint. "stop": end the run at it (the
+  # last checkpoint is kept); "skip": leave that step's update out, up to nan_max_skips steps.
+  config.nan_policy = "stop"
+  config.nan_max_skips = 10
   config.eval_batch_size = 8
 
   config.mesh_shape = common.mesh_config(data=-1)

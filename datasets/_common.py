@@ -111,7 +111,8 @@ def pair_files(image_dir: str, label_dir: str, *, image_suffix: str = "",
     raise ManualDataError(f"label {labels[key]} has no image '{key}{image_suffix}.*' in "
                           f"{image_dir}")
   if not images:
-    raise ManualDataError(f"no images ({', '.join(exts)}) in {image_dir}")
+    raise ManualDataError(f"no images ({', '.join(exts)}) in {image_dir}: expected at least one "
+                          "image (and its label) per split")
   return [(epath.Path(images[k]).stem, images[k], labels[k]) for k in sorted(images)]
 
 
@@ -384,7 +385,18 @@ def prepare(make_builder: Callable[[str], tfds.core.DatasetBuilder], data_dir: s
 
 
 def main(builder_cls, argv: Iterable[str] | None = None) -> tfds.core.DatasetBuilder:
-  """Shell entry point shared by `python -m idgbr_datasets.<package>`."""
+  """Shell entry point shared by `python -m idgbr_datasets.<package>`. Bad input (a
+  ManualDataError naming the file, an unknown --set field) prints `error: <message>` and exits
+  with status 1, without a traceback (the `idgbr` command's error boundary)."""
+  from idgbr_jax import cli  # pylint: disable=import-outside-toplevel
+  out = cli.guarded(lambda _: _build_from_args(builder_cls, argv))([])
+  if isinstance(out, int):
+    import sys  # pylint: disable=import-outside-toplevel
+    sys.exit(out)
+  return out
+
+
+def _build_from_args(builder_cls, argv: Iterable[str] | None) -> tfds.core.DatasetBuilder:
   parser = argparse.ArgumentParser(
       prog=f"python -m {builder_cls.__module__.rsplit('.', 1)[0]}",
       description=f"Build the {builder_cls.name} TFDS dataset (ArrayRecord) from manual_dir.",

@@ -168,3 +168,28 @@ def local_copy(path: PathLike) -> Iterator[str]:
     else:
       raise FileNotFoundError(f"{path}: not found")
     yield local
+
+
+def rmtree(path: PathLike) -> None:
+  """Deletes a folder and everything under it (local or a URL)."""
+  resolve(path).rmtree()
+
+
+def ensure_writable_dir(path: PathLike, what: str = "output directory") -> epath.Path:
+  """Creates the folder `path` (and its parents) and checks a file can be written in it, before
+  any work starts. Raises NotADirectoryError / PermissionError / OSError naming `what` and the
+  path (a file in the way, a read-only folder or file system)."""
+  import errno  # pylint: disable=import-outside-toplevel
+  import uuid  # pylint: disable=import-outside-toplevel
+  p = resolve(path)
+  if p.exists() and not p.is_dir():
+    raise NotADirectoryError(errno.ENOTDIR, f"{what} {p} is a file; expected a folder", str(p))
+  probe = p / f".write_check_{uuid.uuid4().hex}"
+  try:
+    p.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise type(e)(e.errno, f"{what} {p} is not writable ({e.strerror or e}); expected a folder "
+                  "this user can create and write", str(p)) from e
+  return p

@@ -167,10 +167,16 @@ def test_stage2_initialises_from_the_converted_weights(sd_folder, converted, tmp
   ckpt.close()
   # (--to=diffusers writes the same unet/vae through `save_diffusers`, tested elsewhere; one
   # export here keeps the test short: each re-initialises the run.)
+  # The CG net's attention width is shrunk to 16, which the original cannot load (it
+  # hard-codes 512): refused by name unless --allow_unloadable (checked before the weights).
+  proc = _cli("export", f"--checkpoint={workdir}", "--to=idgbr", f"--dst={tmp_path / 'no'}")
+  assert proc.returncode == 1
+  assert "config.model.guidance_width=16" in proc.stderr and "--allow_unloadable" in proc.stderr
   # The command loads the run params-only and imports neither TensorFlow nor clu's writers.
   proc = _cli("export", f"--checkpoint={workdir}", "--to=idgbr", f"--dst={tmp_path / 'idgbr'}",
-              python_flags=("-X", "importtime"))
+              "--allow_unloadable", python_flags=("-X", "importtime"))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "warning: " in proc.stderr and "guidance_width=16" in proc.stderr
   assert_not_imported(proc.stderr, ("tensorflow", "clu.metric_writers"))
   written = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
   back = diffusers.UNet2DConditionModel.from_pretrained(written["unet"])
@@ -183,6 +189,17 @@ def test_stage2_initialises_from_the_converted_weights(sd_folder, converted, tmp
   same(state["params"]["unet"], parts.unet[1])
   same(frozen["label_embed"], parts.label_embed[1])
   same(frozen["vae"], parts.vae[1])
+  # unet_ori is the whole initial UNet: the converted SD unet, bit for bit.
+  back = files.read_state_dict(str(tmp_path / "idgbr" / "unet_ori" /
+                                   "diffusion_pytorch_model.safetensors"))
+  assert set(back) == set(want) and all(np.array_equal(back[k], want[k].numpy()) for k in back)
+  np.testing.assert_array_equal(parts.context, np.load(converted / "context.npy"))
+  # ... and back in (the package family's round trip): the imported refiner is the run.
+  checkpoint_io.convert_to_checkpoints("idgbr", str(tmp_path / "idgbr"), str(tmp_path / "imp"))
+  imported = assembly.load_refiner(str(tmp_path / "imp"))
+  same(imported.trainable, {k: state["params"][k] for k in ("unet", "guidance")})
+  same(imported.frozen, {k: v for k, v in frozen.items() if k != "teacher"})
+  assert imported.config.data.image_size == config.data.image_size
 
 
 def test_export_cli_round_trip_and_errors(sd_folder, converted, tmp_path):

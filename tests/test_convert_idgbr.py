@@ -296,3 +296,139 @@ def test_projector_params_to_torch_inverts_the_importer():
   assert sorted(sd) == sorted(f"projectors.0.{i}.{t}" for i in (0, 2, 4) for t in ("weight",
                                                                                   "bias"))
   jax.tree.map(np.testing.assert_array_equal, idgbr.projector_params_from_torch(sd), p)
+
+
+# ----- a whole original run: checkpoint-N inside its experiment root -----------------------------
+
+
+@pytest.fixture(scope="module")
+def experiment(original, tmp_path_factory):
+  """`<root>/checkpoint-80000` (unet_gen, interact_net, projectors) inside an experiment root
+  that holds what the original's final `save_pretrained` adds: label_embed_net/, vae/,
+  unet_ori/ (a `UNet2DConditionEncodeModel`: the encoder half only, of the *initial* UNet),
+  text_encoder/ + tokenizer/ and scheduler/ (SD-1.5's PNDM config)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  transformers = pytest.importorskip("transformers")
+  src, *_ = original
+  root = tmp_path_factory.mktemp("experiment")
+  ckpt = root / "checkpoint-80000"
+  ckpt.mkdir()
+  for name in ("unet_gen", "interact_net", "projectors.safetensors"):
+    (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, ckpt / name)
+  shutil.copytree(src / "label_embed_net", root / "label_embed_net")
+  gen = torch.Generator().manual_seed(7)
+  initial = _random_(diffusers.UNet2DConditionModel(**UNET_KW), gen, 0.1)
+  (root / "unet_ori").mkdir()
+  encoder = {k: v for k, v in initial.state_dict().items()
+             if not k.startswith(("up_blocks.", "conv_norm_out.", "conv_out."))}
+  files.write_safetensors(str(root / "unet_ori" / "diffusion_pytorch_model.safetensors"),
+                          encoder)
+  cfg = dict(initial.config, _class_name="UNet2DConditionEncodeModel")
+  (root / "unet_ori" / "config.json").write_text(json.dumps(cfg))
+  vae = _random_(diffusers.AutoencoderKL(
+      block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+      gen, 0.1)
+  vae.save_pretrained(root / "vae")
+  text = _random_(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+      pad_token_id=1)), gen, 0.3)
+  text.save_pretrained(root / "text_encoder")
+  tok = root / "tokenizer"
+  tok.mkdir()
+  (tok / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
+  (tok / "merges.txt").write_text("#version: 0.2\n")
+  (tok / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+  (root / "scheduler").mkdir()
+  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+      "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+      "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+      "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+      "clip_sample": False}))
+  return root, initial, text
+
+
+def test_import_of_an_original_run_refines_with_its_own_frozen_parts(experiment, tmp_path):
+  """`idgbr convert --from=idgbr <root>/checkpoint-N` finds the frozen parts where the original's
+  inference does (the experiment root); the import refines with them, and unet_ori is the
+  run's *initial* encoder, not the trained unet_gen's."""
+  from idgbr_jax.assembly import stage2 as assembly  # pylint: disable=import-outside-toplevel
+  from idgbr_jax.convert import checkpoint_io  # pylint: disable=import-outside-toplevel
+  from idgbr_jax.inference import refine as refine_lib  # pylint: disable=import-outside-toplevel
+  root, initial, text = experiment
+  warnings = []
+  out = checkpoint_io.convert_to_checkpoints("idgbr", str(root / "checkpoint-80000"),
+                                             str(tmp_path / "imp"), warn=warnings.append)
+  assert warnings == []
+  assert set(out) == {"unet", "guidance", "label_embed", "vae", "projector", "unet_ori",
+                      "context", "settings"}
+  meta = json.loads((tmp_path / "imp" / "unet_ori" / "meta.json").read_text())
+  assert meta["encoder_only"] and meta["source"].endswith("unet_ori")
+  with torch.no_grad():
+    want_ctx = text(torch.tensor([[0] + [1] * 76]))[0].numpy()
+  np.testing.assert_allclose(np.load(tmp_path / "imp" / "context.npy"), want_ctx, rtol=1e-6,
+                             atol=1e-6)
+  settings = json.loads((tmp_path / "imp" / "refiner.json").read_text())
+  # The original's inference settings: 25 steps, scale 3, strength 1 from pure noise.
+  assert settings["diffusion"]["start"] == "noise" and settings["diffusion"]["strength"] == 1.0
+  assert (settings["diffusion"]["num_inference_steps"], settings["diffusion"]["guidance_scale"],
+          settings["diffusion"]["beta_schedule"]) == (25, 3.0, "scaled_linear")
+  assert settings["image_size"] == LATENT * 2  # the 8x8 CG grid x the VAE's factor 2
+
+  loaded = assembly.load_refiner(str(tmp_path / "imp"))
+  _, want_ori, enc_only = idgbr.load_unet_ori(str(root / "unet_ori"))
+  assert enc_only
+  jax.tree.map(np.testing.assert_array_equal, loaded.frozen["unet_ori"], want_ori)
+  assert not np.array_equal(np.asarray(loaded.frozen["unet_ori"]["conv_in"]["kernel"]),
+                            np.asarray(loaded.trainable["unet"]["conv_in"]["kernel"]))
+  config = loaded.config
+  config.diffusion.num_inference_steps = 2
+  fn = refine_lib.make_refine_fn(loaded.refiner, config, loaded.mesh,
+                                 jax.tree.map(lambda x: x.sharding, loaded.trainable),
+                                 jax.tree.map(lambda x: x.sharding, loaded.frozen))
+  rng = np.random.default_rng(0)
+  with jax.set_mesh(loaded.mesh):
+    maps = fn(loaded.trainable, loaded.frozen,
+              rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+              rng.integers(0, 2, (8, 16, 16)).astype(np.int32), jax.random.key(0))
+  maps = np.asarray(maps)
+  assert maps.shape == (8, 16, 16) and maps.max() < 2
+
+  # Back to the original's layout: unet_ori stays its encoder-only class, tensors unchanged.
+  checkpoint_io.export_checkpoint(str(tmp_path / "imp"), "idgbr", str(tmp_path / "back"),
+                                  allow_unloadable=True, warn=lambda _: None)
+  cfg = json.loads((tmp_path / "back" / "unet_ori" / "config.json").read_text())
+  assert cfg["_class_name"] == "UNet2DConditionEncodeModel"
+  name = "diffusion_pytorch_model.safetensors"
+  a = files.read_state_dict(str(root / "unet_ori" / name))
+  b = files.read_state_dict(str(tmp_path / "back" / "unet_ori" / name))
+  assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_import_without_frozen_parts_names_the_fix(original, experiment, tmp_path):
+  from idgbr_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from idgbr_jax.assembly import stage2 as assembly  # pylint: disable=import-outside-toplevel
+  from idgbr_jax.convert import checkpoint_io  # pylint: disable=import-outside-toplevel
+  src, *_ = original  # a checkpoint-N whose experiment root holds nothing else
+  warnings = []
+  checkpoint_io.convert_to_checkpoints("idgbr", str(src), str(tmp_path / "bare"),
+                                       warn=warnings.append)
+  assert len(warnings) == 1 and "vae/" in warnings[0] and "unet_ori/" in warnings[0]
+  assert "--base" in warnings[0]
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"needs \['vae/', 'unet_ori/', 'context.npy'\].*--base"):
+    assembly.load_refiner(str(tmp_path / "bare"))
+  # --base (the original's --base_model_name_or_path) supplies them.
+  root, *_ = experiment
+  warnings = []
+  out = checkpoint_io.convert_to_checkpoints("idgbr", str(src), str(tmp_path / "based"),
+                                             base=str(root), warn=warnings.append)
+  assert warnings == [] and {"vae", "unet_ori", "context"} <= set(out)
+  # A scheduler our sampler does not implement is refused by name.
+  bad = tmp_path / "sched"
+  bad.mkdir()
+  (bad / "scheduler_config.json").write_text(json.dumps({"set_alpha_to_one": True,
+                                                         "steps_offset": 1}))
+  with pytest.raises(convert.ConversionError, match="set_alpha_to_one=True"):
+    idgbr.schedule_from_scheduler_config(str(bad))

@@ -327,6 +327,55 @@ def test_img2img_start_matches_diffusers_img2img_loop(strength):
   assert diffusion.start_timestep_index(num_steps, strength) == num_steps - run
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("strength", [0.4, 0.75])
+def test_noise_start_matches_the_original_pipeline_loop(strength):
+  """start='noise' at strength < 1: the original's pipeline (`get_timesteps` drops the early
+  steps, `prepare_latents` still draws pure noise · init_noise_sigma, then the scheduler loop
+  over the tail), from the same noise."""
+  torch = pytest.importorskip("torch")
+  a, b, num_steps = 0.3, 0.5, 10
+  ref = _ddim_scheduler()
+  ref.set_timesteps(num_steps)
+  init_timestep = min(int(num_steps * strength), num_steps)  # the pipeline's get_timesteps
+  tail = ref.timesteps[max(num_steps - init_timestep, 0) * ref.order:]
+  noise = np.asarray(jax.random.normal(jax.random.key(4), (2, 8, 8, 4)), np.float32)
+  z = torch.from_numpy(noise) * ref.init_noise_sigma
+  for t in tail:
+    eps = torch.from_numpy((a * z.numpy() + b * np.sin(np.float32(int(t)) / 100.0))
+                           .astype(np.float32))
+    z = ref.step(eps, t, z, eta=0.0).prev_sample
+  expected = z.numpy()
+
+  sched = diffusion.make_schedule()
+  z_init = jnp.full(noise.shape, 7.0)  # the coarse latent: unused by this start
+  z_start = diffusion.initial_latent(sched, jnp.asarray(noise), num_steps, strength, "noise",
+                                     z_init)
+  np.testing.assert_array_equal(z_start, noise)
+  ours = jax.jit(lambda z0: diffusion.ddim_sample(_analytic_eps(a, b), z0, sched, num_steps,
+                                                  strength=strength))(z_start)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  # The two starts differ only in z_T: 'coarse' is diffusers' img2img (tested above).
+  coarse = diffusion.initial_latent(sched, jnp.asarray(noise), num_steps, strength, "coarse",
+                                    z_init)
+  np.testing.assert_array_equal(coarse, diffusion.noised_start(sched, z_init, jnp.asarray(noise),
+                                                               num_steps, strength))
+
+
+def test_initial_latent_at_full_strength_and_validation():
+  sched = diffusion.make_schedule()
+  noise = jax.random.normal(jax.random.key(0), (1, 4, 4, 4))
+  for start in diffusion.START_MODES:  # strength 1: pure noise either way (the original)
+    np.testing.assert_array_equal(
+        diffusion.initial_latent(sched, noise, 10, 1.0, start, jnp.ones_like(noise)), noise)
+  with pytest.raises(ValueError, match="start 'img2img' unknown.*coarse.*noise"):
+    diffusion.initial_latent(sched, noise, 10, 0.5, "img2img", noise)
+  with pytest.raises(ValueError, match="needs|pass it"):
+    diffusion.initial_latent(sched, noise, 10, 0.5, "coarse")
+  with pytest.raises(ValueError, match="strength"):
+    diffusion.initial_latent(sched, noise, 10, 0.0, "noise")
+
+
 def test_strength_is_validated():
   for bad in (0.0, 1.5, -1.0):
     with pytest.raises(ValueError, match="strength"):

@@ -20,11 +20,41 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-
 _NOISY = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "tensorflow_datasets", "grain"))
 
 
+# A failed checkpoint save for lack of space is reported once, by the command's error boundary
+# (`checkpoints.CheckpointError`): orbax's background threads would log its traceback per thread.
+_REPORTED_BY_US = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
 class _QuietLibraries(py_logging.Filter):
   """Keeps orbax/tfds/grain INFO chatter out of the console; their warnings still show."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in _NOISY)
+    noisy = any(n in record.pathname for n in _NOISY)
+    if noisy and record.levelno >= py_logging.ERROR and \
+        f"{os.sep}orbax{os.sep}" in record.pathname and _about_a_full_disk(record):
+      return False
+    return record.levelno >= py_logging.WARNING or not noisy
+
+
+def _about_a_full_disk(record: py_logging.LogRecord) -> bool:
+  texts = [str(record.getMessage())]
+  e = record.exc_info[1] if record.exc_info else None
+  while e is not None and len(texts) < 20:
+    texts.append(str(e))
+    e = e.__cause__ or e.__context__
+  return any(r in t for r in _REPORTED_BY_US for t in texts)
+
+
+def _quiet_unraisable(previous):
+  """After a failed asynchronous checkpoint save (e.g. a full disk), tensorstore may complete
+  writes on the event loop orbax has already closed: each prints a `RuntimeError: Event loop is
+  closed` traceback from a callback. The failure itself is reported once, as `error: ...`."""
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+  return hook
 
 
 def setup(cache_dir: str | None = None, *, tensorflow: bool = True) -> None:
@@ -46,6 +76,7 @@ def setup(cache_dir: str | None = None, *, tensorflow: bool = True) -> None:
   handler = logging.get_absl_handler()
   handler.python_handler.stream = sys.stderr
   handler.addFilter(_QuietLibraries())
+  sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     tfds.disable_progress_bar()

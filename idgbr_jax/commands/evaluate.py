@@ -48,6 +48,15 @@ def main(argv):
                     if FLAGS.label_values else None)
   except ValueError as e:
     raise app.UsageError(f"--label_values must be integers: {FLAGS.label_values}") from e
+  if FLAGS.output:  # a report that cannot be written is an error before the evaluation
+    import os  # pylint: disable=g-import-not-at-top
+    from idgbr_jax import paths  # pylint: disable=g-import-not-at-top
+    parent = os.path.dirname(FLAGS.output)
+    if parent:
+      paths.ensure_writable_dir(parent, f"the folder of --output={FLAGS.output}")
+    if paths.isdir(FLAGS.output):
+      raise ValueError(f"--output={FLAGS.output} is a folder; expected a file name for the "
+                       "JSON report")
   try:
     report = metrics.evaluate_dirs(
         FLAGS.pred_dir, FLAGS.label_dir, FLAGS.num_classes, label_values=label_values,
@@ -67,4 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from idgbr_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(cli.guarded(main), flags_parser=cli.parse_flags)

@@ -25,6 +25,7 @@ def main(argv):
   workdir = str(paths.resolve(_WORKDIR.value))
   out_dir = _OUT_DIR.value or paths.join(workdir, "coarse")
   config = checkpoints.load_config(paths.join(workdir, "checkpoints"))
+  paths.ensure_writable_dir(out_dir, "--out_dir")  # before any prediction
   for split in _SPLITS.value:
     if split == config.data.train_split and _NUM_FOLDS.value:
       from idgbr_jax.train import stage1  # pylint: disable=import-outside-toplevel

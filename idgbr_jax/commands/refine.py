@@ -6,7 +6,6 @@ refined index PNGs `<out>/<stem>.png`. Images (PNG/JPG/TIF) and coarse maps are 
 stem; their size must be the refiner's training size.
 """
 import os
-import sys
 
 import numpy as np
 from absl import flags
@@ -27,12 +26,48 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def _read(path: str, what: str) -> np.ndarray:
+  """An image as (H, W, 3) uint8 (RGB, or a palette image's colours) or a coarse map as (H, W):
+  an unreadable file, an image that is not 3-band, or a colour coarse map names the file."""
   from idgbr_jax import paths  # pylint: disable=import-outside-toplevel
   try:
     im = paths.read_image(path)
-    return np.asarray(im.convert("RGB") if what == "image" else im)
   except Exception as e:  # noqa: BLE001 - reported with the file name
-    raise ValueError(f"cannot read {what} {path}: {e}") from e
+    raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
+  if what == "image":
+    if im.mode == "P":
+      im = im.convert("RGB")
+    if im.mode != "RGB":
+      raise ValueError(f"image {path} has {len(im.getbands())} band(s) (mode {im.mode}); "
+                       "expected 3 (RGB, as the refiner's training images)")
+    return np.asarray(im)
+  coarse = np.asarray(im)
+  if coarse.ndim == 3:
+    if not all(np.array_equal(coarse[..., 0], coarse[..., c]) for c in range(coarse.shape[-1])):
+      raise ValueError(f"coarse map {path} is a {coarse.shape[-1]}-channel colour image; "
+                       "expected a single-band map of class indices (an index PNG)")
+    coarse = coarse[..., 0]
+  return coarse
+
+
+def read_examples(pairs, size: int, num_classes: int, normalization: str) -> list[dict]:
+  """Reads and checks every (image, coarse map) pair before any model is loaded: sizes must be
+  the refiner's training size, coarse values its classes."""
+  from idgbr_jax.data import transforms  # pylint: disable=import-outside-toplevel
+  examples = []
+  for stem, image_path, coarse_path in pairs:
+    image, coarse = _read(image_path, "image"), _read(coarse_path, "coarse map")
+    if image.shape[:2] != (size, size) or coarse.shape != (size, size):
+      raise ValueError(f"{stem}: image {image_path} is {image.shape[1]}x{image.shape[0]} and "
+                       f"coarse map {coarse_path} is {coarse.shape[1]}x{coarse.shape[0]} "
+                       f"(WxH); both must be {size}x{size}, the refiner's training size")
+    if coarse.max() >= num_classes:
+      bad = sorted(int(v) for v in np.unique(coarse[coarse >= num_classes]))
+      raise ValueError(f"coarse map {coarse_path} has values {bad[:10]} outside the refiner's "
+                       f"{num_classes} classes [0, {num_classes})")
+    examples.append({"image": transforms.normalize_image(image, normalization),
+                     "label": coarse.astype(np.int32), "coarse": coarse.astype(np.int32),
+                     "id": stem})
+  return examples
 
 
 def pair_files(images_dir: str, coarse_dir: str) -> list[tuple[str, str, str]]:
@@ -62,17 +97,19 @@ def main(argv):
   _runtime.setup(tensorflow=False)
   # pylint: disable=import-outside-toplevel
   import jax
-  from idgbr_jax import paths
+  from idgbr_jax import checkpoints, paths
   from idgbr_jax.assembly import stage2 as assembly
-  from idgbr_jax.data import transforms
   from idgbr_jax.inference import refine as refine_lib
   from idgbr_jax.inference.stage1 import write_png
-  try:
-    pairs = pair_files(_IMAGES.value, _COARSE.value)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  ref, trainable, frozen, config, mesh = assembly.load_refiner(_CHECKPOINT.value)
+  # Everything that can be wrong with the inputs is checked before any params are loaded: the
+  # run's config, every image and coarse map, the output folder.
+  config = assembly.load_config(_CHECKPOINT.value)
+  num_classes = assembly.build_refiner(config).config.label_embed.num_classes
+  pairs = pair_files(_IMAGES.value, _COARSE.value)
+  examples = read_examples(pairs, config.data.image_size, num_classes,
+                           config.data.normalization)
+  paths.ensure_writable_dir(_OUT.value, "--out")
+  ref, trainable, frozen, config, mesh = assembly.load_refiner(_CHECKPOINT.value, config)
   with config.unlocked():
     if _NUM_STEPS.value is not None:
       config.diffusion.num_inference_steps = _NUM_STEPS.value
@@ -81,28 +118,9 @@ def main(argv):
     if _SEED.value is not None:
       config.diffusion.sampling_seed = _SEED.value
     config.eval_batch_size = _BATCH.value
-  size = config.data.image_size
-  num_classes = ref.config.label_embed.num_classes
-  examples = []
-  for stem, image_path, coarse_path in pairs:
-    image, coarse = _read(image_path, "image"), _read(coarse_path, "coarse map")
-    if coarse.ndim == 3:
-      coarse = coarse[..., 0]
-    if image.shape[:2] != (size, size) or coarse.shape != (size, size):
-      print(f"error: {stem}: image {image.shape[:2]} / coarse {coarse.shape} must both be "
-            f"{size}x{size} (the refiner's training size)", file=sys.stderr)
-      return 1
-    if coarse.max() >= num_classes:
-      print(f"error: coarse map {coarse_path} has value {coarse.max()} >= {num_classes} classes",
-            file=sys.stderr)
-      return 1
-    examples.append({"image": transforms.normalize_image(image, config.data.normalization),
-                     "label": coarse.astype(np.int32), "coarse": coarse.astype(np.int32),
-                     "id": stem})
   refine_fn = refine_lib.make_refine_fn(ref, config, mesh,
                                         jax.tree.map(lambda x: x.sharding, trainable),
                                         jax.tree.map(lambda x: x.sharding, frozen))
-  paths.makedirs(_OUT.value)
   n = 0
   for stem, refined, _, _ in refine_lib.refine_dataset(refine_fn, trainable, frozen, examples,
                                                       config, mesh):

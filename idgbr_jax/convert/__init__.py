@@ -6,14 +6,16 @@ naming the file and the key.
 
     load_diffusers(path)        diffusers UNet2DConditionModel / AutoencoderKL folder
     load_dinov2(path)           official DINOv2 .pth or transformers Dinov2Model folder
-    load_idgbr(path)            original IDGBR checkpoint-N / pipeline folder -> IdgbrParts
+    load_idgbr(path, base=)     original IDGBR checkpoint-N / pipeline folder (or our export)
+                                -> IdgbrParts (with unet_ori, the text context, the schedule)
     load_interactnet(path)      original `interact_net/` folder (the CG net)
     load_label_embed(path)      `labelembednet{2,8}` folder or .safetensors
     load_projector(path)        REPA projector state dict (`projectors.0.*`)
     empty_prompt_context(path)  CLIP states of "" (1, 77, 768) via transformers (torch)
 
     save_diffusers(path, config, params)   diffusers folder (config.json + safetensors)
-    export_idgbr(path, ...)                the original's layout (unet_gen/, interact_net/, ...)
+    export_idgbr(path, ...)                the original's layout (unet_gen/, interact_net/, ...,
+                                           unet_ori/, scheduler/, text_encoder/ + tokenizer/)
 """
 from idgbr_jax.convert.clip_context import empty_prompt_context, save_context
 from idgbr_jax.convert.diffusers_folder import load_diffusers, save_diffusers

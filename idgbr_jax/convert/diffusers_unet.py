@@ -89,11 +89,18 @@ def unet_params_from_torch(state_dict: Mapping[str, Any], config: DenoiserConfig
     ValueError: on any missing or unexpected key, or a shape mismatch (names the key and both
       shapes).
   """
-  expected = _expected(config)
+  return _from_torch(state_dict, _expected(config), dtype, what="UNet state dict")
+
+
+def _from_torch(state_dict: Mapping[str, Any], expected, dtype, *, what: str,
+                ignored_prefixes: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Strict conversion of the torch keys in `expected` (torch key -> (flax path, flax shape));
+  keys starting with `ignored_prefixes` may be present and are skipped."""
   missing = sorted(set(expected) - set(state_dict))
-  unexpected = sorted(set(state_dict) - set(expected))
+  unexpected = sorted(k for k in set(state_dict) - set(expected)
+                      if not k.startswith(ignored_prefixes))
   if missing or unexpected:
-    raise ValueError(f"UNet state dict does not match the config: missing keys {missing[:20]} "
+    raise ValueError(f"{what} does not match the config: missing keys {missing[:20]} "
                      f"({len(missing)} in all), unexpected keys {unexpected[:20]} "
                      f"({len(unexpected)} in all)")
   flat = {}
@@ -112,15 +119,20 @@ def unet_params_to_torch(params: Mapping[str, Any],
 
   Accepts the inner params tree or `{'params': ...}`. Raises ValueError like the forward direction.
   """
+  return _to_torch(params, _expected(config), what="params")
+
+
+def _to_torch(params: Mapping[str, Any], expected_by_key, *, what: str) -> dict[str, np.ndarray]:
+  """Strict inverse of `_from_torch` for the torch keys in `expected_by_key`."""
   if set(params) == {"params"}:
     params = params["params"]
-  expected = {path: (key, shape) for key, (path, shape) in _expected(config).items()}
+  expected = {path: (key, shape) for key, (path, shape) in expected_by_key.items()}
   flat = traverse_util.flatten_dict(dict(params))
   missing = sorted("/".join(p) for p in set(expected) - set(flat))
   unexpected = sorted("/".join(p) for p in set(flat) - set(expected))
   if missing or unexpected:
-    raise ValueError(f"params do not match the config: missing {missing[:20]} ({len(missing)}), "
-                     f"unexpected {unexpected[:20]} ({len(unexpected)})")
+    raise ValueError(f"{what} do not match the config: missing {missing[:20]} "
+                     f"({len(missing)}), unexpected {unexpected[:20]} ({len(unexpected)})")
   out = {}
   for path, (key, shape) in expected.items():
     value = np.asarray(flat[path])
@@ -129,3 +141,32 @@ def unet_params_to_torch(params: Mapping[str, Any],
                        f"got {tuple(value.shape)}")
     out[key] = _to_torch_layout(path[-1], value)
   return out
+
+
+# The encoder half alone: the original's `UNet2DConditionEncodeModel` (its `unet_ori/`), which
+# holds conv_in, the time embedding, the down blocks and the mid block, and no up path.
+_DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
+
+
+def _is_encoder_path(path: tuple[str, ...]) -> bool:
+  return path[0] in ("conv_in", "time_embedding", "mid_block") or path[0].startswith(
+      "down_blocks_")
+
+
+def unet_encoder_params_from_torch(state_dict: Mapping[str, Any], config: DenoiserConfig,
+                                   dtype=np.float32) -> dict[str, Any]:
+  """The encoder half's params (what `denoiser.encoder_params` keeps) from a state dict that
+  holds it: an encoder-only one or a whole UNet's (whose up path is ignored). Strict otherwise:
+  missing encoder keys, keys of neither half and shape mismatches are errors."""
+  return _from_torch(state_dict, _encoder_expected(config), dtype,
+                     what="UNet encoder state dict", ignored_prefixes=_DECODER_PREFIXES)
+
+
+def _encoder_expected(config: DenoiserConfig):
+  return {k: v for k, v in _expected(config).items() if _is_encoder_path(v[0])}
+
+
+def unet_encoder_params_to_torch(params: Mapping[str, Any],
+                                 config: DenoiserConfig) -> dict[str, np.ndarray]:
+  """Inverse of `unet_encoder_params_from_torch` (an encoder-only params tree)."""
+  return _to_torch(params, _encoder_expected(config), what="encoder params")

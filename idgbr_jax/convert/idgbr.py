@@ -16,9 +16,19 @@ What the original writes (`tools/train.py`):
   the original; our export writes it to `projectors.safetensors` under those names so
   `sid_model.load_state_dict(..., strict=False)` can take it.
 
-`export_idgbr` writes exactly that layout (a `checkpoint-N`-style folder), so the original's
-`load_model_hook` / `InteractNet.from_pretrained` / `LabelEmbedNet.from_pretrained` read our
-weights, and `load_idgbr` reads either layout back; the round trip is exact.
+The original's inference (`tools/infer.py`) loads a checkpoint dir's `unet_gen/` and
+`interact_net/`, and takes `tokenizer/`, `text_encoder/`, `vae/`, `scheduler/` and `unet_ori/`
+from the experiment root only if it holds all five, else from `--base_model_name_or_path` (SD);
+`label_embed_net/` from the root, else `--label_embed_dir`. `unet_ori` is loaded as a
+`UNet2DConditionEncodeModel` (no up path) from `unet_ori/`, or from the base's whole `unet/`.
+
+`export_idgbr` writes that layout (a `checkpoint-N`-style folder that is its own experiment
+root): `unet_gen/`, `interact_net/`, `label_embed_net/`, `vae/`, `unet_ori/` (the whole initial
+UNet), `scheduler/` (DDIMScheduler config), `text_encoder/` + `tokenizer/` (a layer-free CLIP
+text model whose output is the run's context, `clip_context.constant_text_encoder`), so
+`tools/infer.py --model_path=<export>` refines with our weights only; plus, ignored by the
+original, `projectors.safetensors`, `context.npy` (the exact context) and `idgbr_jax.json` (our
+refinement settings). `load_idgbr` reads either layout back; the round trip is exact.
 """
 from __future__ import annotations
 
@@ -32,14 +42,23 @@ from flax import linen as nn
 from flax import traverse_util
 
 from idgbr_jax import paths
-from idgbr_jax.convert import diffusers_folder, files
+from idgbr_jax.convert import diffusers_folder, diffusers_unet, files
 from idgbr_jax.convert.files import ConversionError
 from idgbr_jax.models import guidance as guidance_lib
 from idgbr_jax.models import label_embedding, repa
-from idgbr_jax.models.denoiser import DenoiserConfig
+from idgbr_jax.models.denoiser import DenoiserConfig, UNet2DConditionModel
 
 UNET_DIR, GUIDANCE_DIR, LABEL_EMBED_DIR, VAE_DIR = ("unet_gen", "interact_net",
                                                     "label_embed_net", "vae")
+UNET_ORI_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR, TOKENIZER_DIR = ("unet_ori", "scheduler",
+                                                                "text_encoder", "tokenizer")
+# What the original's inference needs beside a checkpoint, else it takes all of them from
+# --base_model_name_or_path (tools/infer.py: _resolve_base_source).
+BASE_COMPONENTS = (TOKENIZER_DIR, TEXT_ENCODER_DIR, VAE_DIR, SCHEDULER_DIR, UNET_ORI_DIR)
+ENCODE_CLASS = "UNet2DConditionEncodeModel"  # the original's unet_ori class (no up path)
+# Ours, ignored by the original: the exact text context and the refinement settings.
+CONTEXT_FILE = "context.npy"
+SETTINGS_FILE = "idgbr_jax.json"
 PROJECTOR_FILE = "projectors.safetensors"
 PROJECTOR_PREFIX = "projectors.0."
 WEIGHTS_FILE = diffusers_folder.WEIGHTS_STEM + ".safetensors"
@@ -406,23 +425,193 @@ def load_projector(path: str, prefix: str = PROJECTOR_PREFIX) -> tuple[repa.Proj
   return repa.Projector(params["fc1"]["kernel"].shape[1], params["fc3"]["kernel"].shape[1]), params
 
 
+# ----- the frozen encoder copy (unet_ori) -------------------------------------------------------
+
+def load_unet_ori(path: str):
+  """A `unet_ori/` (the original pipeline's `UNet2DConditionEncodeModel`: the encoder half
+  only) or a whole UNet folder (SD's `unet/`, or our export's `unet_ori/`) ->
+  (UNet2DConditionModel, params, encoder_only). The encoder half is what unet_ori is used for;
+  a whole UNet's up path is kept so it can be exported again."""
+  cfg_json = diffusers_folder.read_config(path)
+  where = files.join(path, "config.json")
+  name = cfg_json.get("_class_name")
+  if name not in diffusers_folder.UNET_CLASSES + (ENCODE_CLASS,):
+    raise ConversionError(f"{where}: _class_name {name!r} is not a UNet "
+                          f"({diffusers_folder.UNET_CLASSES + (ENCODE_CLASS,)})")
+  try:
+    config = diffusers_folder.denoiser_config_from_diffusers(
+        {**cfg_json, "_class_name": "UNet2DConditionModel"})
+  except ValueError as e:
+    raise ConversionError(f"{where}: {e}") from e
+  weights = files.find_weights(path, (diffusers_folder.WEIGHTS_STEM,))
+  sd = {k: files.to_numpy(v).astype(np.float32) for k, v in files.read_state_dict(weights).items()}
+  encoder_only = not any(k.startswith(("up_blocks.", "conv_out.")) for k in sd)
+  try:
+    params = (diffusers_unet.unet_encoder_params_from_torch(sd, config) if encoder_only else
+              diffusers_unet.unet_params_from_torch(sd, config))
+  except (ValueError, KeyError) as e:
+    raise ConversionError(f"{weights}: {e}") from e
+  return UNet2DConditionModel(config), params, encoder_only
+
+
+def save_unet_ori(path: str, config: DenoiserConfig, params, encoder_only: bool = False) -> str:
+  """unet_ori for the original: a whole UNet2DConditionModel folder (as SD's `unet/`, which its
+  training and inference load into `UNet2DConditionEncodeModel`, ignoring the up path), or,
+  when only the encoder half exists, a `UNet2DConditionEncodeModel` folder as its pipeline's
+  `save_pretrained` writes."""
+  if not encoder_only:
+    return diffusers_folder.save_diffusers(path, config, params)
+  sd = diffusers_unet.unet_encoder_params_to_torch(_np32(params), config)
+  cfg_json = diffusers_folder.unet_config_json(config, ENCODE_CLASS)
+  paths.makedirs(path)
+  files.write_safetensors(files.join(path, WEIGHTS_FILE), sd)
+  files.write_json(files.join(path, "config.json"), cfg_json)
+  return path
+
+
+# ----- the scheduler -----------------------------------------------------------------------------
+
+def scheduler_config_json(diffusion: Mapping[str, Any]) -> dict[str, Any]:
+  """diffusers `DDIMScheduler` config.json of our sampler: the schedule of `diffusion` (a
+  config.diffusion or refiner.json's), "leading" spacing, offset 1, no final ᾱ = 1, ε."""
+  return {"_class_name": "DDIMScheduler",
+          "_diffusers_version": diffusers_folder.DIFFUSERS_VERSION,
+          "beta_schedule": str(diffusion["beta_schedule"]),
+          "beta_start": float(diffusion["beta_start"]), "beta_end": float(diffusion["beta_end"]),
+          "num_train_timesteps": int(diffusion["num_train_timesteps"]),
+          "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+          "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None,
+          "thresholding": False, "rescale_betas_zero_snr": False}
+
+
+# What our sampler implements, as DDIMScheduler reads a config (its defaults when a key is
+# absent, e.g. from SD-1.5's PNDMScheduler config.json); prediction_type is forced to epsilon by
+# the original, so it is not checked.
+_SCHEDULER_FIXED = {"set_alpha_to_one": (True, False), "steps_offset": (0, 1),
+                    "timestep_spacing": ("leading", "leading"), "clip_sample": (True, False),
+                    "thresholding": (False, False), "rescale_betas_zero_snr": (False, False),
+                    "trained_betas": (None, None)}
+
+
+def schedule_from_scheduler_config(path: str) -> dict[str, Any]:
+  """The schedule settings (beta_schedule, beta_start, beta_end, num_train_timesteps) of a
+  `scheduler/` folder as `DDIMScheduler.from_pretrained` reads it; anything our DDIM sampler
+  does not implement is an error naming the key."""
+  where = files.join(path, "scheduler_config.json")
+  if not files.is_file(where):
+    raise ConversionError(f"{where}: not found")
+  cfg = files.read_json(where)
+  bad = [f"{k}={cfg.get(k, default)!r} (supported: {want!r})"
+         for k, (default, want) in _SCHEDULER_FIXED.items() if cfg.get(k, default) != want]
+  if cfg.get("beta_schedule", "linear") not in ("scaled_linear", "linear"):
+    bad.append(f"beta_schedule={cfg.get('beta_schedule')!r}")
+  if bad:
+    raise ConversionError(f"{where}: the port's DDIM sampler does not implement {bad}")
+  return {"beta_schedule": cfg.get("beta_schedule", "linear"),
+          "beta_start": float(cfg.get("beta_start", 0.0001)),
+          "beta_end": float(cfg.get("beta_end", 0.02)),
+          "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000))}
+
+
+# ----- what the original can load ----------------------------------------------------------------
+
+ORIGINAL_GUIDANCE_WIDTH = 512  # src/models/clip.py: CrossAttentionLayer(width=512), not a config
+ORIGINAL_MLP_RATIO = 4         # ResidualAttentionBlock: Linear(d, 4 d)
+ORIGINAL_LABEL_EMBED_HIDDEN = 128  # SuperModel.LabelEmbedNet: Conv2d(3, 128, 1)
+
+
+def original_load_problems(guidance_config: guidance_lib.GuidanceConfig | None,
+                           label_embed_config: label_embedding.LabelEmbedConfig | None = None
+                           ) -> list[str]:
+  """Why the original's `from_pretrained` would fail on these nets (shape errors), with the
+  fix; empty when it loads them. Everything else (UNet and VAE layouts, heads, layers, skip
+  grids) is read from the exported config.json files."""
+  out = []
+  if guidance_config is not None and guidance_config.width != ORIGINAL_GUIDANCE_WIDTH:
+    out.append(f"the CG net's attention width is {guidance_config.width} "
+               f"(config.model.guidance_width={guidance_config.width}), but the original "
+               f"hard-codes {ORIGINAL_GUIDANCE_WIDTH} (CrossAttentionLayer(width=512) in "
+               "src/models/clip.py), so InteractNet.from_pretrained fails with a shape error: "
+               f"train with --config.model.guidance_width={ORIGINAL_GUIDANCE_WIDTH}")
+  if guidance_config is not None and guidance_config.mlp_ratio != ORIGINAL_MLP_RATIO:
+    out.append(f"the CG net's MLP ratio is {guidance_config.mlp_ratio}; the original's "
+               f"ResidualAttentionBlock hard-codes {ORIGINAL_MLP_RATIO}")
+  if (label_embed_config is not None
+      and label_embed_config.hidden != ORIGINAL_LABEL_EMBED_HIDDEN):
+    out.append(f"the label embedding's decoder has {label_embed_config.hidden} hidden channels; "
+               f"the original's LabelEmbedNet hard-codes {ORIGINAL_LABEL_EMBED_HIDDEN}: "
+               f"pretrain it with hidden={ORIGINAL_LABEL_EMBED_HIDDEN}, or use the released "
+               "labelembednet2/8 (idgbr convert --from=idgbr)")
+  return out
+
+
 # ----- whole checkpoints -----------------------------------------------------------------------
 
 class IdgbrParts(NamedTuple):
-  """What an original IDGBR folder holds; each entry is (module, params) or None."""
+  """What an original IDGBR folder holds; each model entry is (module, params) or None.
+
+  `unet_ori` is the frozen encoder copy (a whole initial UNet, or only its encoder half when
+  `unet_ori_encoder_only`), `context` the text states (1, L, D) its prompt "" gives, `schedule`
+  the scheduler's schedule settings, `settings` our export's refinement settings
+  (`idgbr_jax.json`, absent in the original's own folders), `sources` where each part was read.
+  """
   unet: Any
   guidance: Any
   label_embed: Any
   vae: Any
   projector: Any
+  unet_ori: Any = None
+  unet_ori_encoder_only: bool = False
+  context: np.ndarray | None = None
+  schedule: dict | None = None
+  settings: dict | None = None
+  sources: dict | None = None
 
 
-def load_idgbr(path: str | os.PathLike) -> IdgbrParts:
-  """Reads an original IDGBR checkpoint (`checkpoint-N/`) or pipeline output folder.
+def _has_base_components(path: str) -> bool:
+  return files.is_dir(path) and all(paths.exists(files.join(path, name))
+                                    for name in BASE_COMPONENTS)
 
-  `unet_gen/` and `interact_net/` are required; `label_embed_net/`, `vae/` and
-  `projectors.safetensors` are read when present. A bare `labelembednet{2,8}` folder is not a
-  checkpoint: use `load_label_embed`.
+
+def base_folders(path: str, base: str | None = None) -> list[str]:
+  """Where the original's inference takes the frozen parts of the run at `path`, in order:
+  `path` itself, then its base source — the experiment root (`path`'s parent for a
+  `checkpoint-N`) when it holds all of tokenizer/, text_encoder/, vae/, scheduler/ and
+  unet_ori/ (`tools/infer.py: _resolve_base_source`), else `base`
+  (`--base_model_name_or_path`, e.g. the SD-1.5 folder)."""
+  path = os.fspath(path).rstrip("/")
+  root = os.path.dirname(path) if os.path.basename(path).startswith("checkpoint-") else path
+  out = [path]
+  if root != path and _has_base_components(root):
+    out.append(root)
+  elif base:
+    out.append(os.fspath(base))
+  return out
+
+
+def _first(folders: list[str], *names: str) -> str | None:
+  for folder in folders:
+    for name in names:
+      candidate = files.join(folder, name)
+      if paths.exists(candidate):
+        return candidate
+  return None
+
+
+def load_idgbr(path: str | os.PathLike, *, base: str | os.PathLike | None = None,
+               label_embed: str | os.PathLike | None = None,
+               with_context: bool = True) -> IdgbrParts:
+  """Reads an original IDGBR checkpoint (`checkpoint-N/`), pipeline output folder, or our
+  `idgbr export --to=idgbr` folder.
+
+  `unet_gen/` and `interact_net/` are required and read from `path`. The frozen parts are looked
+  for as the original's inference does (`base_folders`): `label_embed_net/` in `path`, then
+  the experiment root, then `label_embed` (`--label_embed_dir`); `vae/`, `unet_ori/` (or a base
+  SD folder's `unet/`), `scheduler/` and the text context in `path`, then the base source. The
+  context is our export's exact `context.npy` when present, else (`with_context`) the CLIP
+  states of "" from `text_encoder/` + `tokenizer/` (needs torch). `projectors.safetensors` is
+  read from `path`. A bare `labelembednet{2,8}` folder is not a checkpoint: use
+  `load_label_embed`.
   """
   path = os.fspath(path)
   if not files.is_dir(path):
@@ -440,21 +629,70 @@ def load_idgbr(path: str | os.PathLike) -> IdgbrParts:
   if guid[0].config.skip_channels != skips:
     raise ConversionError(f"{files.join(path, GUIDANCE_DIR)}: skip channels "
                           f"{guid[0].config.skip_channels} do not match unet_gen's {skips}")
-  opt = lambda name, fn: (fn(files.join(path, name))
-                          if paths.exists(files.join(path, name)) else None)
-  return IdgbrParts(unet=unet, guidance=guid, label_embed=opt(LABEL_EMBED_DIR, load_label_embed),
-                    vae=opt(VAE_DIR, diffusers_folder.load_diffusers),
-                    projector=opt(PROJECTOR_FILE, load_projector))
+  folders = base_folders(path, base)
+  sources = {}
+
+  def opt(name, where, fn):
+    found = _first(where, name)
+    if found is None:
+      return None
+    sources[name] = found
+    return fn(found)
+
+  le_where = [path] + ([os.path.dirname(path.rstrip("/"))]
+                       if os.path.basename(path.rstrip("/")).startswith("checkpoint-") else [])
+  le = opt(LABEL_EMBED_DIR, le_where, load_label_embed)
+  if le is None and label_embed is not None:
+    sources[LABEL_EMBED_DIR] = os.fspath(label_embed)
+    le = load_label_embed(os.fspath(label_embed))
+  vae = opt(VAE_DIR, folders, diffusers_folder.load_diffusers)
+  ori_path = _first(folders, UNET_ORI_DIR) or _first(folders[1:], "unet")
+  unet_ori, encoder_only = None, False
+  if ori_path is not None:
+    sources[UNET_ORI_DIR] = ori_path
+    module, params, encoder_only = load_unet_ori(ori_path)
+    if module.config != unet[0].config:
+      raise ConversionError(f"{ori_path}: unet_ori's architecture differs from "
+                            f"{files.join(path, UNET_DIR)}'s")
+    unet_ori = (module, params)
+  context = None
+  ctx_file = _first(folders[:1], CONTEXT_FILE)
+  if ctx_file is not None:
+    sources["context"] = ctx_file
+    context = np.asarray(paths.load_npy(ctx_file), np.float32)
+  elif with_context:
+    enc = _first(folders, TEXT_ENCODER_DIR)
+    if enc is not None and paths.exists(files.join(os.path.dirname(enc), TOKENIZER_DIR)):
+      from idgbr_jax.convert import clip_context  # pylint: disable=import-outside-toplevel
+      sources["context"] = os.path.dirname(enc)
+      context = clip_context.empty_prompt_context(os.path.dirname(enc))
+  schedule = opt(SCHEDULER_DIR, folders, schedule_from_scheduler_config)
+  settings_file = _first(folders[:1], SETTINGS_FILE)
+  settings = files.read_json(settings_file) if settings_file else None
+  return IdgbrParts(unet=unet, guidance=guid, label_embed=le, vae=vae,
+                    projector=opt(PROJECTOR_FILE, [path], load_projector), unet_ori=unet_ori,
+                    unet_ori_encoder_only=encoder_only, context=context, schedule=schedule,
+                    settings=settings, sources=sources)
 
 
 def export_idgbr(path: str | os.PathLike, *, unet_config: DenoiserConfig, unet_params,
                  guidance_config: guidance_lib.GuidanceConfig, guidance_params,
                  projector_params=None, label_embed_params=None, vae_config=None,
-                 vae_params=None) -> str:
-  """Writes our weights in the original's layout (see the module doc) under `path`.
+                 vae_params=None, unet_ori_params=None, unet_ori_encoder_only: bool = False,
+                 context: np.ndarray | None = None, settings: Mapping[str, Any] | None = None,
+                 text_encoder: bool = True) -> str:
+  """Writes our weights in the original's layout (see the module doc) under `path`; returns
+  `path` (`exported_parts` lists what is there).
 
-  `path` can be passed to the original's `load_model_hook` as a checkpoint dir (`unet_gen/`,
-  `interact_net/`); `label_embed_net/` and `vae/` load with `from_pretrained`."""
+  With every part given, `path` is complete for the original's `tools/infer.py
+  --model_path=path`: a checkpoint dir (`unet_gen/`, `interact_net/`) whose own folder holds the
+  base components its `_resolve_base_source` needs (`tokenizer/`, `text_encoder/`, `vae/`,
+  `scheduler/`, `unet_ori/`) and `label_embed_net/`, so nothing falls back to a base SD folder.
+  `context` becomes `text_encoder/` + `tokenizer/` (`clip_context.write_constant_text_encoder`;
+  not with `text_encoder=False`) and, exactly, `context.npy`; `settings`
+  (`assembly.stage2.refine_settings`) gives `scheduler/` and `idgbr_jax.json`. The original
+  ignores `context.npy`, `idgbr_jax.json` and `projectors.safetensors`; `load_idgbr` reads them
+  back."""
   path = os.fspath(path)
   paths.makedirs(path)
   diffusers_folder.save_diffusers(files.join(path, UNET_DIR), unet_config, unet_params,
@@ -468,4 +706,31 @@ def export_idgbr(path: str | os.PathLike, *, unet_config: DenoiserConfig, unet_p
     save_label_embed(files.join(path, LABEL_EMBED_DIR), label_embed_params)
   if vae_params is not None:
     diffusers_folder.save_diffusers(files.join(path, VAE_DIR), vae_config, vae_params)
+  if unet_ori_params is not None:
+    save_unet_ori(files.join(path, UNET_ORI_DIR), unet_config, unet_ori_params,
+                  unet_ori_encoder_only)
+  if context is not None:
+    from idgbr_jax.convert import clip_context  # pylint: disable=import-outside-toplevel
+    context = np.asarray(context, np.float32)
+    if text_encoder:
+      clip_context.write_constant_text_encoder(path, context)
+    paths.save_npy(files.join(path, CONTEXT_FILE), context)
+  if settings is not None:
+    files.write_json(files.join(path, SCHEDULER_DIR, "scheduler_config.json"),
+                     scheduler_config_json(settings["diffusion"]))
+    files.write_json(files.join(path, SETTINGS_FILE), dict(settings))
   return path
+
+
+# Part -> its entry in an exported folder.
+EXPORTED_PARTS = {"unet": UNET_DIR, "guidance": GUIDANCE_DIR, "label_embed": LABEL_EMBED_DIR,
+                  "vae": VAE_DIR, "unet_ori": UNET_ORI_DIR, "scheduler": SCHEDULER_DIR,
+                  "text_encoder": TEXT_ENCODER_DIR, "tokenizer": TOKENIZER_DIR,
+                  "projector": PROJECTOR_FILE, "context": CONTEXT_FILE,
+                  "settings": SETTINGS_FILE}
+
+
+def exported_parts(path: str) -> dict[str, str]:
+  """{part: path} of what an `export_idgbr` folder holds."""
+  entries = {part: files.join(os.fspath(path), name) for part, name in EXPORTED_PARTS.items()}
+  return {part: p for part, p in entries.items() if paths.exists(p)}

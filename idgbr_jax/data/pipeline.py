@@ -82,6 +82,9 @@ def train_dataset(config: ml_collections.ConfigDict, num_classes: int, *,
                   ignore_index: int | None = None, start_step: int = 0) -> grain.IterDataset:
   """Infinite, shuffled, augmented per-process batches for training (deterministic in seed).
 
+  Each batch holds `id`, the examples' ids (strings, host side only: `split_ids` takes them
+  out before `to_global`). An empty training split is a DataError.
+
   The first batch is the one of train step `start_step + 1` (a resumed run continues the
   stream); the same for any process count (see the module doc).
   `cache` (a `train.latent_cache.LatentCache` or any grain Map that reads `id` and `dihedral`)
@@ -90,6 +93,11 @@ def train_dataset(config: ml_collections.ConfigDict, num_classes: int, *,
   """
   cfg = config.data
   ds = train_records(config, num_classes, coarse_dir=coarse_dir, ignore_index=ignore_index)
+  if len(ds) == 0:
+    fold = f" (fold {cfg.fold} of {cfg.num_folds})" if cfg.num_folds else ""
+    raise sources.DataError(f"the training split {cfg.train_split!r} of dataset {cfg.name!r} "
+                            f"is empty{fold}: expected at least one example "
+                            f"(data_dir {cfg.get('data_dir') or sources.default_data_dir()})")
   ds = ds.shuffle(seed=config.seed)
   if cfg.crop_size:
     if cache is not None:
@@ -104,7 +112,8 @@ def train_dataset(config: ml_collections.ConfigDict, num_classes: int, *,
     raise ValueError(f"config.data.augment={cfg.augment!r}; allowed: none, flip, fliprot")
   if cache is not None:
     ds = ds.map(cache)
-  ds = ds.map(transforms.Normalize(cfg.normalization))
+  # The ids stay with the host batch (`split_ids`): a data or non-finite-loss error names them.
+  ds = ds.map(transforms.Normalize(cfg.normalization, keep_id=True))
   ds = ds.repeat()  # reseeds shuffle and augmentation every epoch
   per_process = per_process_batch(config.batch_size)
   rows = ProcessRows(ds, config.batch_size, per_process, jax.process_index())
@@ -149,6 +158,15 @@ def eval_batches(ds: grain.MapDataset, batch_size: int, keys=("image", "label", 
           arr = np.concatenate([arr, pad])
         batch[k] = arr
     yield batch, [it["id"] for it in items], valid
+
+
+def split_ids(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """(the arrays of a host batch, its example ids): ids never go to the devices."""
+  arrays = {k: v for k, v in batch.items() if k != "id"}
+  ids = batch.get("id")
+  ids = [] if ids is None else [i.decode() if isinstance(i, bytes) else str(i)
+                                for i in np.asarray(ids).reshape(-1)]
+  return arrays, ids
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES

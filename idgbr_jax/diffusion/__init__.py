@@ -1,5 +1,6 @@
 """Diffusion: the DDIM noise schedule, training-noise helpers and the scan-based DDIM sampler."""
-from idgbr_jax.diffusion.sampler import ddim_sample, ddim_step, noised_start, start_timestep_index
+from idgbr_jax.diffusion.sampler import (START_MODES, check_start, ddim_sample, ddim_step,
+                                         initial_latent, noised_start, start_timestep_index)
 from idgbr_jax.diffusion.schedule import (
     NoiseSchedule,
     add_noise,
@@ -12,12 +13,15 @@ from idgbr_jax.diffusion.schedule import (
 
 __all__ = [
     "NoiseSchedule",
+    "START_MODES",
     "add_noise",
+    "check_start",
     "cubic_timesteps",
     "ddim_sample",
     "ddim_step",
     "ddim_timestep_pairs",
     "ddim_timesteps",
+    "initial_latent",
     "make_schedule",
     "noised_start",
     "sample_timesteps",

@@ -106,9 +106,11 @@ def ddim_sample(eps_fn: EpsFn, z_T: jax.Array, schedule: NoiseSchedule, num_step
     clip_sample: optional x̂0 clipping range (None = off, as in SD-1.5).
     return_trajectory: also return the latents after every step, [num_steps', *z_T.shape]
       (the last entry is the returned z_0), for debugging.
-    strength: in (0, 1]; 1 starts from pure noise (IDGBR). Below 1 only the last
-      steps from `start_timestep_index(num_steps, strength)` on run (diffusers' img2img
-      semantics) and `z_T` must be a latent noised to that step's timestep (`noised_start`).
+    strength: in (0, 1]; 1 runs every step from pure noise (IDGBR). Below 1 only the last
+      steps from `start_timestep_index(num_steps, strength)` on run; what `z_T` is then is the
+      caller's choice of start (`initial_latent`): the coarse latent noised to that step's
+      timestep (`start="coarse"`, diffusers' img2img) or pure noise (`start="noise"`, the
+      original IDGBR pipeline).
 
   Returns:
     z_0, or (z_0, trajectory) when `return_trajectory` is True.
@@ -145,6 +147,50 @@ def start_timestep_index(num_steps: int, strength: float) -> int:
   if run < 1:
     raise ValueError(f"strength {strength} with {num_steps} steps runs no step; raise either")
   return num_steps - run
+
+
+START_MODES = ("coarse", "noise")
+
+
+def check_start(start: str) -> str:
+  if start not in START_MODES:
+    raise ValueError(f"diffusion start {start!r} unknown; allowed: {START_MODES} (coarse: the "
+                     "noised coarse latent, diffusers' img2img; noise: pure noise, the "
+                     "original IDGBR)")
+  return start
+
+
+def initial_latent(schedule: NoiseSchedule, noise: jax.Array, num_steps: int, strength: float,
+                   start: str = "coarse", z_init: jax.Array | None = None, *,
+                   timestep_spacing: str = "leading", steps_offset: int = 1) -> jax.Array:
+  """The `z_T` that `ddim_sample(..., strength=strength)` starts from.
+
+  The two meanings of strength < 1 (both run only the last int(strength * num_steps) steps):
+
+  * `start="coarse"` (ours, diffusers' `StableDiffusionImg2ImgPipeline`): `z_init` (the coarse
+    map's latent) noised to the first step that runs, `noised_start`;
+  * `start="noise"` (the original IDGBR pipeline, whose `get_timesteps` skips the early steps
+    but whose `prepare_latents` still draws pure noise): `noise` itself, at that later step.
+
+  At strength 1 both are `noise` (every step runs from pure noise, as the original).
+
+  Args:
+    schedule: the noise schedule.
+    noise: standard normal noise, the latents' shape (float32).
+    num_steps: DDIM steps.
+    strength: in (0, 1].
+    start: "coarse" or "noise".
+    z_init: the clean latent to noise; needed for `start="coarse"` at strength < 1.
+  """
+  check_start(start)
+  start_timestep_index(num_steps, strength)  # validates
+  if strength >= 1.0 or start == "noise":
+    return noise
+  if z_init is None:
+    raise ValueError("start='coarse' at strength < 1 starts from the noised coarse latent; "
+                     "pass it (z_init)")
+  return noised_start(schedule, z_init, noise, num_steps, strength,
+                      timestep_spacing=timestep_spacing, steps_offset=steps_offset)
 
 
 def noised_start(schedule: NoiseSchedule, z_init: jax.Array, noise: jax.Array, num_steps: int,

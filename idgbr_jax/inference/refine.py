@@ -3,6 +3,15 @@
 Per batch: the frozen image/coarse features are computed once, then `ddim_sample` runs the
 guided denoiser for `num_inference_steps` (ε = ε₀ + s(ε_c − ε₀), both from one batched call),
 and the final latent is decoded to colours and then to class indices.
+
+`config.diffusion.strength` < 1 runs only the last int(strength · steps) steps, from
+`config.diffusion.start`: "coarse" (ours, the default: the coarse latent noised to that step,
+diffusers' img2img) or "noise" (the original's pipeline: pure noise). Guidance: s = 1 runs the
+conditional branch alone (one pass); any other s uses Control-CFG, including s < 1 (the
+original needs s > 1: at s ≤ 1 its pipeline fails on an undefined variable). The original
+batches its CFG halves as [uncond | cond], ours as [cond | uncond] (`Refiner.eps_cfg`): each
+example's forward pass is independent of its batch position, so the order does not change ε
+(tested).
 """
 from __future__ import annotations
 
@@ -36,7 +45,14 @@ def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, f
   scale = float(d.guidance_scale)
   use_cfg = scale != 1.0
   strength = float(d.get("strength", 1.0))
+  # strength < 1: "coarse" (ours, img2img) starts from the noised coarse latent, "noise" (the
+  # original's pipeline) skips the early steps but still starts from pure noise.
+  start = diffusion.check_start(d.get("start", "coarse"))
   diffusion.start_timestep_index(num_steps, strength)  # validates before tracing
+  from_coarse = strength < 1.0 and start == "coarse"
+  if from_coarse and not d.use_coarse and not autoencode_only:
+    raise ValueError("diffusion.strength < 1 with diffusion.start='coarse' starts from the "
+                     "coarse latent; it needs diffusion.use_coarse=True (or start='noise')")
 
   @functools.partial(
       jax.jit,
@@ -53,12 +69,9 @@ def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, f
     h = ref.latent_size(image.shape[1])
     z_T = jax.random.normal(r_noise, (image.shape[0], h, h, ref.config.denoiser.in_channels),
                             jnp.float32)
-    if strength < 1.0:  # ours: start from the noised coarse latent instead of pure noise
-      if not d.use_coarse:
-        raise ValueError("diffusion.strength < 1 starts from the coarse latent; it needs "
-                         "diffusion.use_coarse=True")
-      z_T = diffusion.noised_start(schedule, cond.coarse_latent.astype(jnp.float32), z_T,
-                                   num_steps, strength)
+    if from_coarse:
+      z_T = diffusion.initial_latent(schedule, z_T, num_steps, strength, start,
+                                     cond.coarse_latent.astype(jnp.float32))
     if use_cfg:
       eps_fn = lambda z, t: ref.eps_cfg(trainable, frozen, z, t, cond)  # noqa: E731
     else:

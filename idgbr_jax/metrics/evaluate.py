@@ -301,7 +301,8 @@ class _Accumulator(_Totals):
     pred = _as_2d(pred, f"prediction {name}")
     label = _as_2d(label, f"label {name}")
     if pred.shape != label.shape:
-      raise ValueError(f"{name}: prediction shape {pred.shape} != label shape {label.shape}")
+      raise ValueError(f"{name}: prediction shape {pred.shape} != label shape {label.shape}; "
+                       "expected a prediction of its label's size")
     if self.repair_class is not None:
       if coarse is None:
         raise ValueError(f"{name}: the repair analysis needs a coarse map for every image")
@@ -395,22 +396,25 @@ def evaluate_maps(preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], num
     acc.add(name, pred, label, rough)
   report = acc.finish()
   report["missing_predictions"] = 0
-  _check_strict(report, strict)
+  _check_strict(report, strict, num_classes, label_values)
   return report
 
 
-def _check_strict(report: dict, strict: bool):
+def _check_strict(report: dict, strict: bool, num_classes: int = 0,
+                  label_values: Optional[Sequence[int]] = None):
   bad = report["files_with_unmapped_values"]
   if not bad:
     return
   listed = ", ".join(f"{k} (label {v['label']}, pred {v['pred']} px)"
                      for k, v in list(bad.items())[:10])
   more = "" if len(bad) <= 10 else f" and {len(bad) - 10} more"
-  message = (f"{len(bad)} file(s) hold values outside the label encoding (these pixels are "
-             f"ignored, as in the original): {listed}{more}")
   if strict:
-    raise ValueError(message)
-  logging.warning(message)
+    expected = (f"the values {list(label_values)} of --label_values" if label_values else
+                f"class indices 0..{num_classes - 1}")
+    raise ValueError(f"{len(bad)} file(s) hold values outside the label encoding: {listed}{more}"
+                     f" (--strict: expected only {expected})")
+  logging.warning(f"{len(bad)} file(s) hold values outside the label encoding (these pixels "
+                  f"are ignored, as in the original): {listed}{more}")
 
 
 def read_map(path: str) -> np.ndarray:
@@ -430,7 +434,7 @@ def read_map(path: str) -> np.ndarray:
 def _index_dir(directory: str) -> Dict[str, str]:
   """stem -> file name, preferring .png over .tif / .tiff when both exist."""
   if not paths.isdir(directory):
-    raise ValueError(f"not a directory: {directory}")
+    raise ValueError(f"not a directory: {directory} (expected a folder of PNG/TIF maps)")
   found: Dict[str, str] = {}
   for name in paths.listdir(directory):
     stem, ext = os.path.splitext(name)
@@ -464,6 +468,12 @@ def evaluate_dirs(pred_dir: str, label_dir: str, num_classes: int,
                      dilation_ratio, None if coarse is None else repair_class, repair_k)
   missing = [stem for stem in labels if stem not in preds]
   stems = [stem for stem in labels if stem in preds]
+  if not labels:
+    raise ValueError(f"no label maps ({', '.join(IMAGE_EXTS)}) in {label_dir}: expected one "
+                     "per image, matched to the predictions by file stem")
+  if not stems:
+    raise ValueError(f"none of the {len(labels)} label maps in {label_dir} has a prediction in "
+                     f"{pred_dir} (matched by file stem, e.g. {next(iter(labels))}.png)")
   if coarse is not None:
     no_coarse = [stem for stem in stems if stem not in coarse]
     if no_coarse:
@@ -480,7 +490,11 @@ def evaluate_dirs(pred_dir: str, label_dir: str, num_classes: int,
     label = read_map(paths.join(label_dir, labels[stem]))
     pred = read_map(paths.join(pred_dir, preds[stem]))
     rough = None if coarse is None else read_map(paths.join(coarse_dir, coarse[stem]))
-    acc.add(stem, pred, label, rough)
+    try:
+      acc.add(stem, pred, label, rough)
+    except ValueError as e:  # name the files, not only the stem
+      raise ValueError(f"{e} (prediction {paths.join(pred_dir, preds[stem])}, label "
+                       f"{paths.join(label_dir, labels[stem])})") from e
   report = acc.finish()
   report["missing_predictions"] = len(missing)
   report["missing_files"] = missing[:100]
@@ -491,7 +505,7 @@ def evaluate_dirs(pred_dir: str, label_dir: str, num_classes: int,
   if missing:
     logging.warning("%d label map(s) have no prediction in %s (first: %s)", len(missing),
                     pred_dir, ", ".join(missing[:5]))
-  _check_strict(report, strict)
+  _check_strict(report, strict, num_classes, label_values)
   return report
 
 

@@ -1,17 +1,22 @@
-"""Pieces every trainer shares: workdir checks, writers and the evaluation cadence."""
+"""Pieces every trainer shares: workdir checks, writers, the evaluation cadence, and the guard
+that keeps a non-finite loss or gradient out of every checkpoint."""
 from __future__ import annotations
 
-import os
-from typing import Any
+import itertools
+from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from clu import metrics
 
 from idgbr_jax import paths
+from idgbr_jax.checkpoints import CheckpointError
+from idgbr_jax.parallel import sharding
 from idgbr_jax.train import preemption
 
 
@@ -24,17 +29,40 @@ def ensure_workdir(workdir: str) -> str:
   (so none is lost). Returns it absolute / as a URL string."""
   if not workdir:
     raise WorkdirError("--workdir is required")
-  path = paths.resolve(workdir)
-  if path.exists() and not path.is_dir():
-    raise WorkdirError(f"workdir {path} is not writable: it is a file")
-  probe = path / f".write_check_{os.getpid()}_{jax.process_index()}"
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe.write_bytes(b"")
-    probe.unlink()
+    path = paths.ensure_writable_dir(workdir, "workdir")
   except OSError as e:
-    raise WorkdirError(f"workdir {path} is not writable: {e.strerror or e}") from e
+    raise WorkdirError(f"{e.strerror} (for checkpoints and logs)") from e
   return str(path)
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+  """`config.mesh_shape` (and `dcn_mesh_shape`) as a mesh; a shape that does not fit the
+  devices is an error saying what would."""
+  try:
+    return sharding.mesh_from_config(config)
+  except ValueError as e:
+    raise ValueError(f"config.mesh_shape: {e}; expected sizes (data, fsdp, tensor; one may be "
+                     f"-1) whose product divides the {jax.device_count()} devices") from e
+
+
+def first_batch_read(dataset, start_step: int, num_train_steps: int):
+  """An iterator over `dataset` whose first batch is already read when steps remain: a data
+  error (an unreadable record, a label outside the classes, a missing coarse map, an empty
+  split) surfaces here, before any compilation, and nothing is written."""
+  it = iter(dataset)
+  if start_step >= num_train_steps:
+    return it
+  first = next(it)
+  return itertools.chain([first], it)
+
+
+def check_resumed_step(state, start_step: int, ckpt) -> None:
+  """The restored state's step is the checkpoint's (the data stream was positioned on it)."""
+  step = int(state["step"])
+  if step != start_step:
+    raise CheckpointError(f"checkpoint step {start_step} in {ckpt.directory} holds a train "
+                          f"state at step {step}: the directory was edited by hand?")
 
 
 def create_writer(config: ml_collections.ConfigDict, workdir: str):
@@ -56,11 +84,124 @@ def count_params(tree) -> int:
 
 
 def write_train_metrics(writer, step: int, train_metrics) -> None:
-  """Writes a merged clu Collection as `train/*` scalars; a non-finite loss stops the run."""
+  """Writes a merged clu Collection as `train/*` scalars. Non-finite steps are the
+  `NonFiniteGuard`'s business (checked before this is called, and before every save)."""
   scalars = train_metrics.compute()
-  if not np.isfinite(scalars["loss"]):
-    raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
   writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+
+
+# ----- non-finite steps ------------------------------------------------------------------------
+# config.nan_policy: "stop" (default) ends the run at the first non-finite step, keeping the
+# last checkpoint (written before it); "skip" leaves such a step's update out (params,
+# optimizer state and BatchNorm statistics stay as they were; the step counter and the data
+# stream move on) and stops after more than config.nan_max_skips of them. Either way no
+# checkpoint ever holds a non-finite update: the guard is checked before every save.
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+  """A train step produced a non-finite loss or gradient (names the step and the batch ids)."""
+
+
+def nan_policy(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """(policy, max skipped steps) from `config.nan_policy` / `config.nan_max_skips`."""
+  policy = config.get("nan_policy", "stop")
+  if policy not in NAN_POLICIES:
+    raise ValueError(f"config.nan_policy={policy!r}; allowed: {', '.join(NAN_POLICIES)}")
+  max_skips = int(config.get("nan_max_skips", 0) if policy == "skip" else 0)
+  if max_skips < 0:
+    raise ValueError(f"config.nan_max_skips={max_skips} must be >= 0")
+  return policy, max_skips
+
+
+def all_finite(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
+  """One boolean scalar inside a jitted step: the loss and the gradient's global L2 norm are
+  finite (a NaN or inf anywhere in the gradient, or a norm that overflows, makes it false).
+  The norm is the one the step logs anyway; a per-leaf check would cost compile time."""
+  return jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+
+def keep_if_finite(ok: jax.Array, new, old):
+  """`new` where `ok`, else `old`, leaf by leaf (no host sync: a select inside the step, which
+  XLA fuses into the update)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+@flax.struct.dataclass
+class SkippedSteps(metrics.Metric):
+  """Counts the steps whose update was left out as non-finite (`train/skipped_steps`)."""
+  count: jnp.ndarray
+
+  @classmethod
+  def empty(cls) -> "SkippedSteps":
+    return cls(count=jnp.array(0, jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, applied: jnp.ndarray, **_) -> "SkippedSteps":
+    return cls(count=1 - jnp.asarray(applied).astype(jnp.int32))
+
+  def merge(self, other: "SkippedSteps") -> "SkippedSteps":
+    return type(self)(count=self.count + other.count)
+
+  def compute(self) -> jnp.ndarray:
+    return self.count
+
+
+def applied_average(name: str):
+  """clu Average of model output `name` over the steps whose update was applied (a skipped,
+  non-finite step is left out of the loss curves and counted in `skipped_steps`)."""
+  return metrics.Average.from_fun(
+      lambda **out: {"values": jnp.reshape(out[name], (1,)),
+                     "mask": jnp.reshape(out["applied"], (1,))})
+
+
+class NonFiniteGuard:
+  """Host side of `config.nan_policy`. The train loop hands over each step's device-side
+  `skipped` count and the batch's ids (`record`, no host sync); `check` reads the flags of
+  all steps since the last check in one transfer. Call it before every checkpoint save (and at
+  log steps): under "stop", or past `nan_max_skips` skipped steps, it raises NonFiniteError
+  naming the step and the batch ids, so that step never reaches a checkpoint."""
+
+  def __init__(self, config: ml_collections.ConfigDict, checkpoint_dir: str = ""):
+    self.policy, self.max_skips = nan_policy(config)
+    self.checkpoint_dir = str(checkpoint_dir)
+    self.skipped: list[int] = []
+    self._pending: list[tuple[int, Sequence[str], jax.Array]] = []
+
+  def record(self, step: int, ids: Sequence[str], skipped: jax.Array) -> None:
+    self._pending.append((step, ids, skipped))
+
+  def check(self, last_saved: int | None = None) -> None:
+    if not self._pending:
+      return
+    flags = jax.device_get([s for _, _, s in self._pending])
+    pending, self._pending = self._pending, []
+    for (step, ids, _), flag in zip(pending, flags):
+      if not int(flag):
+        continue
+      self.skipped.append(step)
+      where = _batch_ids(ids)
+      if self.policy == "stop" or len(self.skipped) > self.max_skips:
+        kept = (f"the last checkpoint (step {last_saved}) in {self.checkpoint_dir} is intact "
+                "and holds no non-finite value" if last_saved else
+                "no checkpoint was written by this run")
+        why = ("config.nan_policy='stop'" if self.policy == "stop" else
+               f"{len(self.skipped)} non-finite steps ({', '.join(map(str, self.skipped[-10:]))})"
+               f" > config.nan_max_skips={self.max_skips}")
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step} ({why}); batch {where}; {kept}. "
+            "Check those examples, lower the learning rate, or set config.nan_policy='skip' "
+            "(with config.nan_max_skips=N) to leave such steps out")
+      logging.warning("step %d: non-finite loss or gradient; update skipped (%d of at most %d, "
+                      "config.nan_policy='skip'); batch %s", step, len(self.skipped),
+                      self.max_skips, where)
+
+
+def _batch_ids(ids: Sequence[str]) -> str:
+  ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+  more = f" (+{len(ids) - 16} more)" if len(ids) > 16 else ""
+  where = "" if jax.process_count() == 1 else f" (process {jax.process_index()}'s rows)"
+  return f"ids {ids[:16]}{more}{where}"
 
 
 def report_scalars(report: dict, prefix: str) -> dict[str, float]:

@@ -27,11 +27,13 @@ from idgbr_jax.train import common, losses, optim, preemption
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output("loss")
-  pixel_accuracy: metrics.Average.from_output("pixel_accuracy")
-  grad_norm: metrics.Average.from_output("grad_norm")
+  # Averages over the steps whose update was applied (common.NonFiniteGuard).
+  loss: common.applied_average("loss")
+  pixel_accuracy: common.applied_average("pixel_accuracy")
+  grad_norm: common.applied_average("grad_norm")
   param_norm: metrics.LastValue.from_output("param_norm")
   learning_rate: metrics.LastValue.from_output("learning_rate")
+  skipped_steps: common.SkippedSteps
 
 
 def make_init_fn(model, tx, image_size: int):
@@ -53,7 +55,12 @@ def _variables(state_or_vars: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_train_step(model, tx, schedule, num_classes: int, config: ml_collections.ConfigDict):
-  """(state, batch, rng) -> (state, TrainMetrics). RNG is `fold_in(rng, step)`: nothing to save."""
+  """(state, batch, rng) -> (state, TrainMetrics). RNG is `fold_in(rng, step)`: nothing to save.
+
+  A step whose loss or gradient is not finite leaves params, optimizer state and BatchNorm
+  statistics as they were (only the step counter moves on) and counts in
+  `TrainMetrics.skipped_steps`; the host decides to stop or go on (`common.NonFiniteGuard`).
+  """
   ignore_index = config.data.ignore_index
 
   def train_step(state, batch, rng):
@@ -71,38 +78,56 @@ def make_train_step(model, tx, schedule, num_classes: int, config: ml_collection
       return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = common.l2_norm(grads)
+    ok = common.all_finite(loss, grad_norm)
     param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: p + u, state["params"], param_updates)
-    new_state = {**state, "params": params, "opt_state": opt_state, "step": step + 1}
+    new, old = {"params": params, "opt_state": opt_state}, {
+        "params": state["params"], "opt_state": state["opt_state"]}
     if has_bs:
-      new_state["batch_stats"] = updates["batch_stats"]
+      new["batch_stats"], old["batch_stats"] = updates["batch_stats"], state["batch_stats"]
+    new_state = {**state, **common.keep_if_finite(ok, new, old), "step": step + 1}
     valid = batch["label"] != ignore_index
     acc = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & valid) / jnp.maximum(
         jnp.sum(valid), 1)
     m = TrainMetrics.single_from_model_output(
-        loss=loss, pixel_accuracy=acc, grad_norm=common.l2_norm(grads),
-        param_norm=common.l2_norm(params), learning_rate=schedule(step))
+        loss=loss, pixel_accuracy=acc, grad_norm=grad_norm,
+        param_norm=common.l2_norm(new_state["params"]), learning_rate=schedule(step),
+        applied=ok)
     return new_state, m
 
   return train_step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains Stage I; resumes from `<workdir>/checkpoints` if present. Returns the last eval."""
-  # ----- Workdir & logging -------------------------------------------------------------------
-  workdir = common.ensure_workdir(workdir)
-  writer = common.create_writer(config, workdir)
-  common.write_hparams(writer, config)
+  """Trains Stage I; resumes from `<workdir>/checkpoints` if present. Returns the last eval.
 
+  Cheap checks come first (config, mesh, workdir, the first training batch), so a bad input
+  stops the run before any compilation; a non-finite step never reaches a checkpoint
+  (`config.nan_policy`, `common.NonFiniteGuard`).
+  """
+  common.nan_policy(config)  # a bad value is an error now, not after compiling
   # ----- Mesh ----------------------------------------------------------------------------------
-  mesh = sharding.mesh_from_config(config)
+  mesh = common.make_mesh(config)
   rules = tuple(config.sharding_rules)
   logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
 
+  # ----- Workdir & logging -------------------------------------------------------------------
+  workdir = common.ensure_workdir(workdir)
+  ckpt = checkpoints.Checkpointer(paths.join(workdir, "checkpoints"),
+                                  max_to_keep=config.max_checkpoints_to_keep)
+  start_step = ckpt.latest_step() or 0
+
   # ----- Input pipeline ------------------------------------------------------------------------
   num_classes = sources.num_classes(config.data)
   eval_ds = pipeline.eval_dataset(config, config.data.eval_split, num_classes)
+  # The data stream's position is the step: a resumed run reads the batches it would have. The
+  # first batch is read now, so a data error surfaces before anything is compiled.
+  train_iter = pipeline.train_dataset(config, num_classes, start_step=start_step)
+  train_iter = common.first_batch_read(train_iter, start_step, config.num_train_steps)
+  writer = common.create_writer(config, workdir)
+  common.write_hparams(writer, config)
 
   # ----- Model & optimizer ---------------------------------------------------------------------
   model = assembly.build_model(config, num_classes)
@@ -126,37 +151,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   predict_fn = infer.make_predict_fn(model, _variables(state_shardings), mesh, rules)
 
   # ----- Checkpoint restore --------------------------------------------------------------------
-  ckpt = checkpoints.Checkpointer(paths.join(workdir, "checkpoints"),
-                                  max_to_keep=config.max_checkpoints_to_keep)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(None, state, shardings=state_shardings)
-    logging.info("resumed from step %d", int(state["step"]))
-  start_step = int(state["step"])
-  # The data stream's position is the step: a resumed run reads the batches it would have.
-  train_iter = iter(pipeline.train_dataset(config, num_classes, start_step=start_step))
+  if start_step:
+    state = ckpt.restore(start_step, state, shardings=state_shardings)
+    logging.info("resumed from step %d", start_step)
+  common.check_resumed_step(state, start_step, ckpt)
 
   # ----- Train loop ----------------------------------------------------------------------------
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
+  guard = common.NonFiniteGuard(config, ckpt.directory)
   train_metrics, preempted_at = None, None
   last_eval: dict[str, Any] = {}
+  last_saved = start_step or None
   # Trace under the mesh and the rules so the models' activation constraints take effect.
-  with metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), nn.logical_axis_rules(rules), \
-      preemption.PreemptionGuard() as guard:
+  with ckpt, metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), \
+      nn.logical_axis_rules(rules), preemption.PreemptionGuard() as notice:
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with report_progress.timed("data"):
-          batch = pipeline.to_global(next(train_iter), mesh, rules)
+          arrays, ids = pipeline.split_ids(next(train_iter))
+          batch = pipeline.to_global(arrays, mesh, rules)
         state, m = train_step(state, batch, train_rng)
+      guard.record(step, ids, m.skipped_steps.count)
       train_metrics = m if train_metrics is None else train_metrics.merge(m)
       report_progress(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        guard.check(last_saved)
         common.write_train_metrics(writer, step, train_metrics)
         train_metrics = None
       saved = step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
       if saved:
+        guard.check(last_saved)  # a non-finite step never reaches a checkpoint
         ckpt.save(step, state, config=config)
-      if guard.reached(step):
+        last_saved = step
+      if notice.reached(step):
+        guard.check(last_saved)
         preempted_at = common.save_for_preemption(ckpt, step, state, config, saved)
         break
       if common.is_eval_step(step, config):
@@ -164,10 +193,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           last_eval = infer.evaluate(predict_fn, _variables(state), eval_ds, config,
                                      num_classes, mesh, rules)
         writer.write_scalars(step, common.report_scalars(last_eval, "eval"))
-  ckpt.wait_until_finished()
-  ckpt.close()
+    ckpt.wait_until_finished()
   return {"state": state, "eval": last_eval, "preempted_at": preempted_at,
-          "checkpoint_dir": ckpt.directory}
+          "checkpoint_dir": ckpt.directory, "skipped_steps": guard.skipped}
 
 
 # ----- cross-fitted coarse maps ----------------------------------------------------------------

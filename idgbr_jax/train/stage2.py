@@ -25,17 +25,20 @@ from idgbr_jax.train import common, latent_cache, optim, preemption
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output("loss")
-  mse: metrics.Average.from_output("mse")
-  repa: metrics.Average.from_output("repa")
-  grad_norm: metrics.Average.from_output("grad_norm")
+  # Averages over the steps whose update was applied (common.NonFiniteGuard).
+  loss: common.applied_average("loss")
+  mse: common.applied_average("mse")
+  repa: common.applied_average("repa")
+  grad_norm: common.applied_average("grad_norm")
   learning_rate: metrics.LastValue.from_output("learning_rate")
+  skipped_steps: common.SkippedSteps
 
 
 # ----- params ------------------------------------------------------------------------------------
 def init_state(ref: refiner.Refiner, tx, config: ml_collections.ConfigDict, mesh, rules):
   """Sharded train state {params, opt_state, step} and its shardings; `config.init.unet` (a
-  params checkpoint, e.g. converted SD-1.5) replaces the random denoiser init."""
+  params checkpoint, e.g. converted SD-1.5) or `config.init.refiner` (an imported original
+  run) replaces the random init."""
   init_params = assembly.trainable_init_fn(ref, config)
 
   def init(rng):
@@ -43,9 +46,9 @@ def init_state(ref: refiner.Refiner, tx, config: ml_collections.ConfigDict, mesh
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   state, state_sh = sharding.create_sharded(init, assembly.trainable_key(config), mesh, rules)
-  if config.init.unet:
-    state["params"]["unet"] = assembly.load_init_unet(config, state["params"]["unet"],
-                                                      state_sh["params"]["unet"])
+  # config.init.unet replaces the denoiser; config.init.refiner (an imported original run)
+  # replaces unet + guidance (+ projector). Optimizer moments start at zero either way.
+  state["params"] = assembly.load_initial_trainable(config, state["params"], state_sh["params"])
   return state, state_sh
 
 
@@ -66,6 +69,10 @@ def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config):
   The REPA term sits behind `lax.cond(step < repa.active_steps)`: one compiled program, and
   after the warm-up the teacher branch is not executed (no teacher FLOPs), as in the original,
   which deletes DINOv2 after `acc_steps`.
+
+  A step whose loss or gradient is not finite leaves params and optimizer state as they were
+  (the step counter moves on) and counts in `TrainMetrics.skipped_steps`; the host decides to
+  stop or go on (`common.NonFiniteGuard`).
   """
   d = config.diffusion
   use_repa = ref.teacher is not None and config.repa.enabled and config.repa.active_steps > 0
@@ -100,12 +107,16 @@ def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config):
       return mse + config.repa.weight * align, (mse, align)
 
     (loss, (mse, align)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = common.l2_norm(grads)
+    ok = common.all_finite(loss, grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+    kept = common.keep_if_finite(ok, {"params": params, "opt_state": opt_state},
+                                 {"params": state["params"], "opt_state": state["opt_state"]})
     m = TrainMetrics.single_from_model_output(loss=loss, mse=mse, repa=align,
-                                              grad_norm=common.l2_norm(grads),
-                                              learning_rate=lr_schedule(step))
-    return {"params": params, "opt_state": opt_state, "step": step + 1}, m
+                                              grad_norm=grad_norm,
+                                              learning_rate=lr_schedule(step), applied=ok)
+    return {**kept, "step": step + 1}, m
 
   return train_step
 
@@ -129,37 +140,51 @@ def train_input(config, num_classes: int, coarse_dir: str | None, cache=None,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains Stage II; resumes from `<workdir>/checkpoints`. Returns state and the last eval."""
-  # ----- Workdir & logging -------------------------------------------------------------------
-  workdir = common.ensure_workdir(workdir)
-  writer = common.create_writer(config, workdir)
-  common.write_hparams(writer, config)
+  """Trains Stage II; resumes from `<workdir>/checkpoints`. Returns state and the last eval.
 
+  Cheap checks come first (config, mesh, coarse maps, the parts' checkpoints, the workdir, the
+  first training batch), so a bad input stops the run before any compilation; a non-finite
+  step never reaches a checkpoint (`config.nan_policy`, `common.NonFiniteGuard`).
+  """
+  common.nan_policy(config)  # a bad value is an error now, not after compiling
   # ----- Mesh ----------------------------------------------------------------------------------
-  mesh = sharding.mesh_from_config(config)
+  mesh = common.make_mesh(config)
   rules = tuple(config.sharding_rules)
   logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
 
-  # ----- Input pipeline ------------------------------------------------------------------------
+  # ----- Input, model config & workdir -------------------------------------------------------
   num_classes = sources.num_classes(config.data)
   coarse_dir = assembly.coarse_dir_for(config, config.data.train_split)
+  ref = assembly.build_refiner(config, num_classes)  # reads the parts' meta.json: no params yet
+  workdir = common.ensure_workdir(workdir)
+  ckpt = checkpoints.Checkpointer(paths.join(workdir, "checkpoints"),
+                                  max_to_keep=config.max_checkpoints_to_keep)
+  start_step = ckpt.latest_step() or 0
+  # The data stream's position is the step: a resumed run reads the batches it would have. The
+  # first batch is read now (without the latent cache, which needs the frozen VAE), so a data
+  # error surfaces before anything is compiled.
+  train_iter = common.first_batch_read(
+      train_input(config, num_classes, coarse_dir, None, start_step), start_step,
+      config.num_train_steps)
+  writer = common.create_writer(config, workdir)
+  common.write_hparams(writer, config)
 
-  # ----- Model, params & optimizer -------------------------------------------------------------
-  ref = assembly.build_refiner(config, num_classes)
+  # ----- Params & optimizer --------------------------------------------------------------------
   tx, lr_schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   state, state_sh = init_state(ref, tx, config, mesh, rules)
   frozen, f_sh = init_frozen(ref, config, state, state_sh, mesh, rules)
   logging.info("stage II trainable %d, frozen %d parameters",
                common.count_params(state["params"]), common.count_params(frozen))
 
-  # ----- Input pipeline (after the frozen VAE exists: the latent cache needs it) ---------------
+  # ----- Latent cache (needs the frozen VAE) ---------------------------------------------------
   cache, cached_keys = None, ()
   if config.get("latent_cache", False):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       cache = latent_cache.build(ref, frozen, f_sh, config, num_classes, mesh, rules,
                                  coarse_dir=coarse_dir)
     cached_keys = tuple(cache.moments)
+    train_iter = iter(train_input(config, num_classes, coarse_dir, cache, start_step))
 
   # ----- Train steps ---------------------------------------------------------------------------
   schedule = assembly.make_schedule(config)
@@ -170,44 +195,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
 
   # ----- Checkpoint restore --------------------------------------------------------------------
-  ckpt = checkpoints.Checkpointer(paths.join(workdir, "checkpoints"),
-                                  max_to_keep=config.max_checkpoints_to_keep)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(None, state, shardings=state_sh)
-    logging.info("resumed from step %d", int(state["step"]))
-  start_step = int(state["step"])
-  # The data stream's position is the step: a resumed run reads the batches it would have.
-  train_iter = iter(train_input(config, num_classes, coarse_dir, cache, start_step))
+  if start_step:
+    state = ckpt.restore(start_step, state, shardings=state_sh)
+    logging.info("resumed from step %d", start_step)
+  common.check_resumed_step(state, start_step, ckpt)
 
   # ----- Train loop ----------------------------------------------------------------------------
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
+  guard = common.NonFiniteGuard(config, ckpt.directory)
   train_metrics, last_eval, preempted_at = None, {}, None
+  last_saved = start_step or None
   # Trace under the mesh and the rules so the models' activation constraints take effect.
-  with metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), nn.logical_axis_rules(rules), \
-      preemption.PreemptionGuard() as guard:
+  with ckpt, metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), \
+      nn.logical_axis_rules(rules), preemption.PreemptionGuard() as notice:
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with report_progress.timed("data"):
-          batch = pipeline.to_global(next(train_iter), mesh, rules)
+          arrays, ids = pipeline.split_ids(next(train_iter))
+          batch = pipeline.to_global(arrays, mesh, rules)
         state, m = train_step(state, frozen, batch, rng)
+      guard.record(step, ids, m.skipped_steps.count)
       train_metrics = m if train_metrics is None else train_metrics.merge(m)
       report_progress(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        guard.check(last_saved)
         common.write_train_metrics(writer, step, train_metrics)
         train_metrics = None
       saved = step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
       if saved:
+        guard.check(last_saved)  # a non-finite step never reaches a checkpoint
         ckpt.save(step, state, config=config)
-      if guard.reached(step):
+        last_saved = step
+      if notice.reached(step):
+        guard.check(last_saved)
         preempted_at = common.save_for_preemption(ckpt, step, state, config, saved)
         break
       if common.is_eval_step(step, config):
         with report_progress.timed("eval"):
           last_eval = refine.evaluate(ref, state["params"], frozen, config, mesh)
         writer.write_scalars(step, common.report_scalars(last_eval, "eval"))
-  ckpt.wait_until_finished()
-  ckpt.close()
+    ckpt.wait_until_finished()
   return {"state": state, "frozen": frozen, "refiner": ref, "eval": last_eval, "mesh": mesh,
-          "preempted_at": preempted_at, "checkpoint_dir": ckpt.directory}
+          "preempted_at": preempted_at, "checkpoint_dir": ckpt.directory,
+          "skipped_steps": guard.skipped}
