@@ -8,8 +8,9 @@ scored on label values 1..5).
 
 The arg starts with the backbone (unet | deeplabv3plus | segformer), then optional fields:
 `:segformer,variant=b2`, `:unet,tfds_config=irrg_t256_s256`, `:deeplabv3plus,runlocal` (a CPU
-smoke-test size: tiny model, examples resized to 64). The training schedule is a starting point:
-the paper's Stage I recipe is not released.
+smoke-test size: tiny model, examples resized to 64), `:segformer,channels=rgbir` (the 4-band
+RGBIR build, `--config=rgbir_t512_s512` when building; `config.data.in_channels=4`). The
+training schedule is a starting point: the paper's Stage I recipe is not released.
 """
 from idgbr_configs import real_data
 

@@ -10,7 +10,9 @@ scored on label values 1..5).
 Coarse maps from any segmenter attach by id: `<coarse_dir>/<split>/<id>.png`. Model sizes are
 the original's (SD-1.5 denoiser, CG width 512 / 8 heads, DINOv2-g teacher, 77-token context,
 512x512). Ablations as the original's configs: full | no_rough | no_align | cubic | no_cubic.
-`:runlocal` is a CPU smoke-test size (tiny networks, examples resized to 32).
+`:runlocal` is a CPU smoke-test size (tiny networks, examples resized to 32). `:channels=rgbir`
+trains on the 4-band RGBIR build: the SD VAE gets a 4-band image stem (README, "Multispectral
+(RGBIR) input"), the DINOv2 teacher reads the RGB bands.
 """
 from idgbr_configs import real_data
 

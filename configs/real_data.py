@@ -10,6 +10,22 @@ from idgbr_jax.data import sources
 from idgbr_jax.models import backbones
 
 BACKBONES = ("unet", "deeplabv3plus", "segformer")
+# Band sets of the ISPRS builders (`idgbr_datasets.isprs`, builder field `channels`).
+ISPRS_CHANNELS = {"potsdam": ("irrg", "rgb", "rgbir"), "vaihingen": ("irrg",)}
+
+
+def _apply_channels(config: ml_collections.ConfigDict, dataset: str, channels: str) -> None:
+  """`channels=rgbir` (Potsdam): the 4-band build (`rgbir_t512_s512`, the tfds_config's tile
+  fields kept) and `config.data.in_channels=4`; R, G, B are bands 0..2 of RGBIR."""
+  if not channels:
+    return
+  allowed = ISPRS_CHANNELS.get(dataset, ())
+  if channels not in allowed:
+    raise ValueError(f"channels={channels!r} for dataset {dataset!r}; allowed: "
+                     f"{list(allowed) or 'none (a 3-band dataset)'}")
+  _, _, tiles = config.data.tfds_config.partition("_")
+  config.data.tfds_config = f"{channels}_{tiles}"
+  config.data.in_channels = 4 if channels == "rgbir" else 3
 
 
 def _with_backbone_key(arg):
@@ -21,9 +37,10 @@ def _with_backbone_key(arg):
 
 
 def stage1(dataset: str, arg=None) -> ml_collections.ConfigDict:
-  """Stage I on `dataset`; arg = backbone[,variant=..][,tfds_config=..][,runlocal]."""
+  """Stage I on `dataset`; arg = backbone[,variant=..][,tfds_config=..][,channels=..]
+  [,runlocal] (channels: an ISPRS band set, `rgbir` for 4-band Potsdam)."""
   arg = common.parse_arg(_with_backbone_key(arg), backbone="segformer", variant="",
-                         tfds_config="", runlocal=False)
+                         tfds_config="", channels="", runlocal=False)
   if arg.backbone not in BACKBONES:
     raise ValueError(f"backbone {arg.backbone!r}; allowed: {BACKBONES}")
   variant = arg.variant or backbones.DEFAULT_VARIANTS[arg.backbone]
@@ -32,6 +49,7 @@ def stage1(dataset: str, arg=None) -> ml_collections.ConfigDict:
   config.data = sources.data_config(dataset)
   if arg.tfds_config:
     config.data.tfds_config = arg.tfds_config
+  _apply_channels(config, dataset, arg.channels)
   if arg.runlocal:  # stage1_synthetic's runlocal schedule and tiny model, at 64 px
     config.data.resize = 64
     config.data.image_size = 64
@@ -63,10 +81,11 @@ def sd15_refiner(config: ml_collections.ConfigDict, runlocal: bool) -> ml_collec
 
 
 def stage2(dataset: str, arg=None) -> ml_collections.ConfigDict:
-  """Stage II on `dataset`; arg = [ablation=..][,tfds_config=..][,runlocal]."""
-  arg = common.parse_arg(arg, ablation="full", tfds_config="", runlocal=False)
+  """Stage II on `dataset`; arg = [ablation=..][,tfds_config=..][,channels=..][,runlocal]."""
+  arg = common.parse_arg(arg, ablation="full", tfds_config="", channels="", runlocal=False)
   config = stage2_synthetic.get_config(f"ablation={arg.ablation},runlocal={arg.runlocal}")
   config.data = sources.data_config(dataset)
   if arg.tfds_config:
     config.data.tfds_config = arg.tfds_config
+  _apply_channels(config, dataset, arg.channels)
   return sd15_refiner(config, arg.runlocal)

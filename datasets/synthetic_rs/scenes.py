@@ -10,6 +10,10 @@ sun direction, blur and sensor noise are drawn per scene. Only numpy and PIL are
 
 Example `i` of split `s` with seed `k` always draws from `np.random.default_rng([k, s, i])`,
 so any example can be regenerated on its own, in any order, in any process.
+
+`channels=4` adds a near-infrared band (RGB + NIR, the order of ISPRS Potsdam's RGBIR): each
+material's NIR reflectance (vegetation bright, water dark: `_NIR_REFLECTANCE`) modulated by the
+scene's shading, drawn after every RGB draw so the RGB bands are those of the 3-band example.
 """
 from __future__ import annotations
 
@@ -90,11 +94,20 @@ def example_rng(seed: int, split: str | int, index: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), split_id, int(index)])
 
 
+CHANNELS = (3, 4)  # RGB, or RGB + NIR
+
+
 def generate_example(task: str, image_size: int, seed: int, split: str | int,
-                     index: int) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (`image` uint8 (S,S,3), `label` uint8 (S,S) class indices) of one example."""
+                     index: int, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (`image` uint8 (S,S,channels), `label` uint8 (S,S) class indices) of one example.
+
+  `channels=4` appends a NIR band; the RGB bands and the label are the 3-band example's.
+  """
   check_task(task)
-  image, material = render_scene(example_rng(seed, split, index), image_size, STYLES[task])
+  if channels not in CHANNELS:
+    raise ValueError(f"channels={channels!r}; allowed: 3 (RGB) or 4 (RGB + NIR)")
+  image, material = render_scene(example_rng(seed, split, index), image_size, STYLES[task],
+                                 nir=channels == 4)
   return image, materials_to_labels(material, task)
 
 
@@ -348,9 +361,10 @@ class _Road:
     self.normal = self.tangent @ np.array([[0.0, 1.0], [-1.0, 0.0]])  # tangent turned +90°
 
 
-def render_scene(rng: np.random.Generator, image_size: int,
-                 style: SceneStyle) -> tuple[np.ndarray, np.ndarray]:
-  """Paints one scene; returns (image uint8 (S,S,3), material uint8 (S,S))."""
+def render_scene(rng: np.random.Generator, image_size: int, style: SceneStyle,
+                 nir: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Paints one scene; returns (image uint8 (S,S,3), or (S,S,4) with `nir`, material uint8
+  (S,S))."""
   size = image_size * _SUPERSAMPLE
   cv = _Canvas(rng, size, style.object_scale)
   ang = rng.uniform(0, 2 * np.pi)
@@ -368,7 +382,10 @@ def render_scene(rng: np.random.Generator, image_size: int,
   _paint_cars(cv, roads, stalls, style, sun, shadow_dark)
   _paint_buildings(cv, roads, style, sun, shadow_len, shadow_dark)
   _paint_trees(cv, roads, style, sun, shadow_len, shadow_dark)
-  return _finish(cv, image_size)
+  image, material = _finish(cv, image_size)
+  if nir:
+    image = np.concatenate([image, _near_infrared(cv, image, material)[..., None]], axis=-1)
+  return image, material
 
 
 def _paint_ground(cv: _Canvas, urban: bool) -> None:
@@ -855,3 +872,29 @@ def _finish(cv: _Canvas, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   img = np.asarray(img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.7))), np.float32)
   img = img + rng.normal(0, rng.uniform(1.0, 3.0), img.shape)
   return np.clip(np.round(img), 0, 255).astype(np.uint8), material.astype(np.uint8)
+
+
+# Near-infrared reflectance per material, 0..255: vegetation reflects strongly beyond the red
+# edge, water absorbs, built surfaces sit between. Plausible values in the spirit of spectral
+# libraries, not measurements; what matters is that NIR carries what RGB shows poorly.
+#                              GRASS PAVED ROAD BLDG TREE CAR RCAR CLUT WATER SOIL
+_NIR_REFLECTANCE = np.array([200, 75, 55, 100, 215, 60, 60, 110, 12, 120], np.float32)
+
+
+def _near_infrared(cv: _Canvas, image: np.ndarray, material: np.ndarray) -> np.ndarray:
+  """NIR band (S,S) uint8 of a finished scene.
+
+  Reflectance of the supersampled materials, averaged down like the RGB, times the scene's
+  illumination: a pixel's RGB brightness relative to its material's mean brightness in this
+  scene carries the cast shadows, roof facets and texture. Noise comes from the example's
+  generator after all RGB draws, so asking for NIR leaves the RGB bands unchanged.
+  """
+  refl = _NIR_REFLECTANCE[cv.material]
+  refl = 0.25 * (refl[0::2, 0::2] + refl[0::2, 1::2] + refl[1::2, 0::2] + refl[1::2, 1::2])
+  lum = image.astype(np.float32).mean(axis=-1)
+  counts = np.bincount(material.ravel(), minlength=NUM_MATERIALS)
+  sums = np.bincount(material.ravel(), weights=lum.ravel(), minlength=NUM_MATERIALS)
+  typical = (sums / np.maximum(counts, 1)).astype(np.float32)
+  light = np.clip(lum / np.maximum(typical[material], 1.0), 0.2, 2.0) ** 0.8
+  nir = refl * light + cv.rng.normal(0, 2.0, lum.shape)
+  return np.clip(np.round(nir), 0, 255).astype(np.uint8)

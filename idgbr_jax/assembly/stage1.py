@@ -17,7 +17,13 @@ VARIABLE_COLLECTIONS = ("params", "batch_stats")
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The backbone, reading `config.data.in_channels` image bands (3 when the key is absent)."""
   overrides = config.model.overrides.to_dict() if "overrides" in config.model else {}
+  channels = int(config.data.get("in_channels", 3))
+  if overrides.get("in_channels", channels) != channels:
+    raise ValueError(f"config.model.overrides.in_channels={overrides['in_channels']} differs "
+                     f"from config.data.in_channels={channels}; set only the data key")
+  overrides["in_channels"] = channels
   return backbones.get_backbone(config.model.backbone, num_classes, config.model.variant,
                                 dtype=common.dtype_from_name(config.model.dtype), **overrides)
 
@@ -28,8 +34,10 @@ def input_size(config: ml_collections.ConfigDict) -> int:
 
 def variables_init_fn(model, image_size: int) -> Callable[[jax.Array], dict[str, Any]]:
   """rng -> {'params', ['batch_stats']} (boxed, so shardings can be read off `eval_shape`)."""
+  bands = model.config.in_channels
+
   def init(rng):
-    return dict(model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+    return dict(model.init(rng, jnp.zeros((1, image_size, image_size, bands), jnp.float32),
                            train=False))
   return init
 

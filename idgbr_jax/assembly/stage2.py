@@ -177,6 +177,8 @@ def imported_refiner_config(directory: str) -> ml_collections.ConfigDict:
   config.data.image_size = int(settings["image_size"] or
                                guid.skip_resolutions[0] * ae.downsample_factor)
   config.data.normalization = settings["normalization"]
+  if ae.has_image_stem:  # a multispectral run: its images have the stem's band count
+    config.data.in_channels = ae.image_channels
   config.model.dtype = settings["model"]["dtype"]
   config.model.teacher = ""
   config.model.guidance_width = guid.width
@@ -246,6 +248,7 @@ def refiner_config(config: ml_collections.ConfigDict, num_classes: int) -> refin
   ae_dir = frozen_part_dir(config, "autoencoder")
   ae = parts.part_config(ae_dir, "autoencoder") if ae_dir else autoencoder.get_config("tiny")
   ae = dataclasses.replace(ae, sample_posterior=config.diffusion.sample_posterior)
+  ae = _autoencoder_for_bands(ae, int(config.data.get("in_channels", 3)), ae_dir)
   le_dir = frozen_part_dir(config, "label_embed")
   if le_dir:
     le = parts.part_config(le_dir, "label_embed")
@@ -269,7 +272,25 @@ def refiner_config(config: ml_collections.ConfigDict, num_classes: int) -> refin
                if config.init.teacher else dinov2.get_config(m.teacher))
   return refiner.RefinerConfig(denoiser=den, autoencoder=ae, guidance=guid, label_embed=le,
                                teacher=teacher, projector_hidden=config.repa.projector_hidden,
-                               context_length=m.context_length)
+                               context_length=m.context_length,
+                               teacher_bands=tuple(config.data.get("rgb_bands", (0, 1, 2))))
+
+
+def _autoencoder_for_bands(ae: autoencoder.AutoencoderConfig, channels: int,
+                           ae_dir: str | None) -> autoencoder.AutoencoderConfig:
+  """The autoencoder for `channels`-band images (`config.data.in_channels`). Label colours keep
+  its 3-band stem; other band counts need an image stem: the checkpoint's own, or one built from
+  its RGB stem on load (`init_frozen`, `autoencoder.with_image_stem`)."""
+  if channels == ae.in_channels or ae.image_channels == channels:
+    return ae
+  where = ae_dir or "the random-init autoencoder"
+  if ae.has_image_stem:
+    raise ValueError(f"config.data.in_channels={channels}, but the autoencoder {where} has an "
+                     f"image stem for {ae.image_channels} bands")
+  if ae.in_channels != 3:
+    raise ValueError(f"config.data.in_channels={channels}: an image stem is built from a 3-band "
+                     f"(RGB) autoencoder, {where} takes {ae.in_channels}")
+  return dataclasses.replace(ae, image_channels=channels)
 
 
 def build_refiner(config: ml_collections.ConfigDict, num_classes: int | None = None
@@ -398,6 +419,28 @@ def _load_or_init(directory, init_fn, rng, mesh, rules):
   return params_ckpt.load_params(directory, abstract, shardings), shardings
 
 
+def _load_or_init_autoencoder(ref: refiner.Refiner, config: ml_collections.ConfigDict,
+                              directory, init_fn, rng, mesh, rules):
+  """`_load_or_init` for the VAE; a 3-band checkpoint under a config whose images have other
+  bands gets its image stem built from the RGB one (`autoencoder.with_image_stem`)."""
+  ae = ref.config.autoencoder
+  if not directory or not ae.has_image_stem or parts.part_config(
+      directory, "autoencoder").has_image_stem:
+    return _load_or_init(directory, init_fn, rng, mesh, rules)
+  abstract, shardings = sharding.abstract_sharded(init_fn, rng, mesh, rules)
+  stem = {"encoder": "conv_in_image", "decoder": "conv_out_image"}
+  rgb_only = lambda t: {k: ({n: v for n, v in t[k].items() if n != stem[k]}  # noqa: E731
+                            if k in stem else t[k]) for k in t}
+  params = params_ckpt.load_params(directory, rgb_only(abstract), rgb_only(shardings))
+  bands = tuple(config.data.get("rgb_bands", (0, 1, 2)))
+  with jax.set_mesh(mesh):
+    params = jax.jit(lambda p: autoencoder.with_image_stem(p, ae, bands),
+                     out_shardings=shardings)(params)
+  logging.info("autoencoder %s: %d-band image stem built from its RGB stem", directory,
+               ae.image_channels)
+  return params, shardings
+
+
 def init_frozen(ref: refiner.Refiner, config: ml_collections.ConfigDict, mesh, rules, *,
                 unet_ori: tuple[Params, Any] | None = None, with_teacher: bool = True
                 ) -> tuple[Params, Any]:
@@ -414,8 +457,8 @@ def init_frozen(ref: refiner.Refiner, config: ml_collections.ConfigDict, mesh, r
   r_vae, r_le, r_teacher = jax.random.split(common.init_key(config.seed + FROZEN_SEED_OFFSET), 3)
   size = config.data.image_size
   frozen, f_sh = {}, {}
-  frozen["vae"], f_sh["vae"] = _load_or_init(
-      frozen_part_dir(config, "autoencoder"),
+  frozen["vae"], f_sh["vae"] = _load_or_init_autoencoder(
+      ref, config, frozen_part_dir(config, "autoencoder"),
       lambda r: ref.vae.init(r, jnp.zeros((1, size, size, ref.config.autoencoder.in_channels)),
                              None, False)["params"], r_vae, mesh, rules)
   frozen["label_embed"], f_sh["label_embed"] = _load_or_init(

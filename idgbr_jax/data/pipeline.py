@@ -34,11 +34,13 @@ def _base_dataset(cfg: ml_collections.ConfigDict, split: str, num_classes: int,
                   coarse_dir: str | None = None, indices: np.ndarray | None = None,
                   ignore_index: int | None = None):
   source = sources.get_source(cfg, split)
+  name = getattr(source, "name", f"{cfg.name}[{split}]")
   if indices is not None:
     source = sources.Subset(source, indices)
   ds = grain.MapDataset.source(source)
   ignore_index = cfg.ignore_index if ignore_index is None else ignore_index
-  ds = ds.map(transforms.ParseExample(num_classes, ignore_index, cfg.binarize_labels))
+  ds = ds.map(transforms.ParseExample(num_classes, ignore_index, cfg.binarize_labels,
+                                      num_channels=int(cfg.get("in_channels", 3)), source=name))
   resize = cfg.get("resize", 0)
   if resize:  # the model's input size; labels and stored coarse maps follow (nearest)
     ds = ds.map(transforms.Resize(resize))

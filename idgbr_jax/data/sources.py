@@ -1,9 +1,10 @@
 """Random-access data sources (TFDS ArrayRecord through `as_data_source`), with clear errors.
 
-A source yields dicts with `image` (H,W,3 uint8), `label` (H,W[,1] uint8 class indices) and `id`
-(and `coarse` for datasets that store coarse maps). `synthetic_rs` is built on first use (it ships
-with the repo); the real datasets (`DATASETS`: CHN6-CUG, FGFD, WHU-Building, Potsdam, Vaihingen,
-the original's data package) must already be prepared in `data_dir` from their manual downloads
+A source yields dicts with `image` (H,W,C uint8; C = `config.data.in_channels`, 3 by default, 4
+for RGBIR), `label` (H,W[,1] uint8 class indices) and `id` (and `coarse` for datasets that store
+coarse maps). `synthetic_rs` is built on first use (it ships with the repo); the real datasets
+(`DATASETS`: CHN6-CUG, FGFD, WHU-Building, Potsdam, Vaihingen, the original's data package) must
+already be prepared in `data_dir` from their manual downloads
 (see datasets/, installed as the package `idgbr_datasets`, and the README). Their builder modules
 are imported here, so `tfds.builder` finds them by name.
 """
@@ -129,8 +130,10 @@ def _prepared_dir(data_dir: str, name: str, config: str | None) -> str | None:
 
 
 def _synthetic_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  # in_channels 4 builds the RGB + NIR variant (its own config name; the RGB bands are the same).
   return dict(task=cfg.task, image_size=cfg.image_size, num_train=cfg.num_train,
-              num_test=cfg.num_test, seed=cfg.dataset_seed)
+              num_test=cfg.num_test, seed=cfg.dataset_seed,
+              channels=int(cfg.get("in_channels", 3)))
 
 
 def num_classes(cfg: ml_collections.ConfigDict) -> int:
@@ -185,6 +188,11 @@ def data_config(name: str, **overrides) -> ml_collections.ConfigDict:
   Fields beyond the synthetic configs': `tfds_config` (the TFDS builder config), `resize`
   (0: keep the stored size), `eval_num_classes` / `eval_label_values` (what the original scores,
   e.g. Potsdam 5 classes on values 1..5), `stored_coarse` (records carry `coarse`).
+
+  Every data config (these and the synthetic ones) has `in_channels`, the image bands the
+  models take (3; 4 for Potsdam `rgbir`), and `rgb_bands`, the positions of R, G, B among them
+  (the REPA teacher reads those three; a 3-band pretrained first conv is expanded around them).
+  Readers of configs saved before these keys use `config.data.get("in_channels", 3)`.
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
@@ -205,6 +213,8 @@ def data_config(name: str, **overrides) -> ml_collections.ConfigDict:
   data.crop_size = 0
   data.augment = "fliprot"
   data.normalization = "imagenet"
+  data.in_channels = 3                   # image bands the models take (4: RGBIR)
+  data.rgb_bands = (0, 1, 2)             # which of them are R, G, B (the teacher's input)
   data.binarize_labels = False           # builders already store class indices
   data.ignore_index = 255
   data.num_folds = 0

@@ -1,4 +1,8 @@
-"""grain transforms. Image, label and coarse map are augmented together (paired)."""
+"""grain transforms. Image, label and coarse map are augmented together (paired).
+
+Images may have any band count C (`config.data.in_channels`, e.g. 4 for RGBIR); see
+`normalize_image` for what bands beyond the third get.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +17,12 @@ from idgbr_jax.data.sources import DataError, as_label_map
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# 'imagenet' normalisation of bands beyond the third (NIR, ...): ImageNet's grey statistics, the
+# mean of its RGB means and stds. A band equal to the RGB pixel mean then normalises to about the
+# mean of the normalised RGB bands, which is what a first conv expanded from RGB weights treats
+# as "no extra information" (`models.autoencoder.expand_input_kernel`).
+EXTRA_BAND_MEAN = float(np.mean(IMAGENET_MEAN))   # 0.449
+EXTRA_BAND_STD = float(np.mean(IMAGENET_STD))     # 0.226
 NORMALIZATIONS = ("imagenet", "minus_one_one", "unit")
 
 Example = dict[str, Any]
@@ -52,13 +62,18 @@ class ParseExample(grain.transforms.Map):
   num_classes: int
   ignore_index: int = 255
   binarize_labels: bool = False
-  num_channels: int = 3
+  num_channels: int = 3       # config.data.in_channels
+  source: str = ""            # the dataset and split, for error messages
 
   def map(self, element: Example) -> Example:
     image = np.asarray(element["image"])
     if image.ndim != 3 or image.shape[-1] != self.num_channels:
-      raise DataError(f"example {_id(element)}: image shape {image.shape}, expected "
-                      f"(H,W,{self.num_channels})")
+      where = f"{self.source}: " if self.source else ""
+      bands = f"; the record has {image.shape[-1]} bands" if image.ndim == 3 else ""
+      raise DataError(f"{where}example {_id(element)}: image shape {image.shape}, expected "
+                      f"(H,W,{self.num_channels}) (config.data.in_channels={self.num_channels}"
+                      f"{bands}): set config.data.in_channels to the dataset's band count, or "
+                      "use a build of the dataset with that many bands")
     label = as_label_map(element["label"])
     if label.shape != image.shape[:2]:
       raise DataError(f"example {_id(element)}: label shape {label.shape} != image "
@@ -126,7 +141,12 @@ class Resize(grain.transforms.Map):
       if key not in element or element[key].shape[:2] == target:
         continue
       value = element[key]
-      if key == "image":
+      if key == "image" and value.shape[-1] != 3:
+        # Band by band: PIL would take 4 bands as RGBA and premultiply them by the 4th.
+        out[key] = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(value[..., c]))
+                                        .resize(target, Image.BILINEAR))
+                             for c in range(value.shape[-1])], axis=-1)
+      elif key == "image":
         out[key] = np.asarray(Image.fromarray(value).resize(target, Image.BILINEAR))
       else:  # class maps: nearest keeps them valid indices (255 stays 255)
         out[key] = np.asarray(Image.fromarray(value.astype(np.uint8)).resize(
@@ -194,12 +214,25 @@ class RandomCrop(grain.transforms.RandomMap):
     return _apply(element, lambda a: a[y:y + self.size, x:x + self.size])
 
 
+def band_statistics(channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """'imagenet' (mean, std) of `channels` bands: ImageNet's for bands 0..2 (whatever they hold:
+  Potsdam IRRG feeds IR as R, as the original does), EXTRA_BAND_MEAN / STD for the others."""
+  if channels == 3:
+    return IMAGENET_MEAN, IMAGENET_STD
+  n = 3 if channels > 3 else 0  # 1 or 2 bands (panchromatic, SAR): grey statistics for all
+  mean = np.concatenate([IMAGENET_MEAN[:n], np.full(channels - n, EXTRA_BAND_MEAN, np.float32)])
+  std = np.concatenate([IMAGENET_STD[:n], np.full(channels - n, EXTRA_BAND_STD, np.float32)])
+  return mean, std
+
+
 def normalize_image(image: np.ndarray, mode: str) -> np.ndarray:
   """uint8 HWC -> float32. 'imagenet' reproduces the original, which feeds the same tensor to
-  the SD VAE (that expects [-1, 1]) and to DINOv2."""
+  the SD VAE (that expects [-1, 1]) and to DINOv2; extra bands get `band_statistics`. The other
+  modes treat every band alike."""
   x = image.astype(np.float32) / 255.0
   if mode == "imagenet":
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    mean, std = band_statistics(image.shape[-1])
+    return (x - mean) / std
   if mode == "minus_one_one":
     return x * 2.0 - 1.0
   if mode == "unit":

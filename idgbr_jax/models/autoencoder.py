@@ -12,6 +12,20 @@ The module reproduces diffusers' `AutoencoderKL` layer for layer, so SD-1.5 weig
 Images are NHWC in [-1, 1]. IDGBR uses the frozen SD-1.5 VAE and encodes with a posterior
 *sample* times 0.18215 (dossier §1.3); `AutoencoderConfig.sample_posterior` selects that or the
 mean. The small variants exist so the pipeline can be trained end to end on CPU.
+
+Multispectral images (e.g. RGBIR, `config.data.in_channels=4`). Stage II encodes two kinds of
+input with the same frozen VAE: label colour maps (always 3 channels, from the label embedding)
+and images (C bands). So the 3-channel path stays exactly as it is, and C-band images get their
+own *image stem* (`AutoencoderConfig.image_channels`): an encoder `conv_in_image` that reads C
+bands and a decoder `conv_out_image` that writes C bands; everything between is shared. `encode`
+picks the stem by the input's band count; `decode(z, image=True)` picks the image head. Stage II
+never decodes image latents (they only condition the denoiser); the image head exists so the
+autoencoder can be pretrained on C-band reconstructions (`train/pretrain.py`).
+
+A 3-band VAE (SD-1.5) gains the stem by `with_image_stem`: `conv_in_image` is `conv_in` expanded
+by `expand_input_kernel` (exact for images whose extra bands equal the mean of R, G, B, so a
+grey-ish band keeps the activations the RGB stem would give; see there), `conv_out_image` is
+`conv_out` with every extra output band predicted as the mean of the RGB outputs.
 """
 from __future__ import annotations
 
@@ -52,6 +66,9 @@ class AutoencoderConfig:
     use_quant_conv: 1x1 conv on the encoder moments (True for SD).
     use_post_quant_conv: 1x1 conv on z before the decoder (True for SD).
     remat: rematerialise every resnet block in the backward pass (saves activation memory).
+    image_channels: bands of the images when they differ from `in_channels` (e.g. 4 for RGBIR
+      while label colours keep 3): adds the image stem (`conv_in_image` / `conv_out_image`,
+      see the module doc). 0 (or `in_channels`): images use the same stem as label colours.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -66,9 +83,13 @@ class AutoencoderConfig:
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   remat: bool = False
+  image_channels: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+    if self.image_channels < 0:
+      raise ValueError(f"image_channels must be >= 0 (0: no image stem), got "
+                       f"{self.image_channels}")
     if not self.block_out_channels:
       raise ValueError("block_out_channels must not be empty")
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
@@ -80,6 +101,17 @@ class AutoencoderConfig:
   def downsample_factor(self) -> int:
     """Ratio of image size to latent size."""
     return 2 ** (len(self.block_out_channels) - 1)
+
+  @property
+  def has_image_stem(self) -> bool:
+    """Whether images have their own band count, stem and head (see the module doc)."""
+    return self.image_channels not in (0, self.in_channels)
+
+  @property
+  def accepted_bands(self) -> tuple[int, ...]:
+    """Input band counts `encode` takes: label colours (and 3-band images), C-band images."""
+    return ((self.in_channels, self.image_channels) if self.has_image_stem else
+            (self.in_channels,))
 
 
 def replace_checked(config: AutoencoderConfig, overrides: Mapping[str, Any]) -> AutoencoderConfig:
@@ -110,6 +142,75 @@ def get_config(variant: str, **overrides) -> AutoencoderConfig:
   if variant not in VARIANTS:
     raise ValueError(f"unknown autoencoder variant {variant!r}; known: {sorted(VARIANTS)}")
   return replace_checked(VARIANTS[variant], overrides)
+
+
+# ----- adapting a 3-band first / last conv to C bands ----------------------------------------
+RGB_BANDS = (0, 1, 2)
+
+
+def _check_bands(channels: int, rgb_bands) -> tuple[int, ...]:
+  rgb = tuple(int(b) for b in rgb_bands)
+  if channels < 3 or len(rgb) != 3 or len(set(rgb)) != 3 or not all(0 <= b < channels
+                                                                      for b in rgb):
+    raise ValueError(f"rgb_bands={tuple(rgb_bands)} must be 3 distinct band indices below "
+                     f"channels={channels} (>= 3)")
+  return rgb
+
+
+def expand_input_kernel(kernel, channels: int, rgb_bands=RGB_BANDS):
+  """HWIO kernel reading 3 bands (R, G, B) -> the kernel reading `channels` bands.
+
+  With W_c the kernel of RGB band c and E = channels - 3 extra bands: every extra band gets
+  V = mean_c W_c, and the RGB kernels give up what it adds, W'_c = W_c - (E / 3) V. Then
+
+      conv(x', W') = conv(x_rgb, W) + sum_e conv(x_e - mean_c x_c, V),
+
+  so the output is exactly the 3-band one whenever every extra band equals the mean of the
+  RGB bands at the conv's input (a grey image in particular), and an extra band enters as its
+  departure from that mean with the gain of an average RGB band (NIR: vegetation bright, water
+  dark). (Rescaling all kernels by 3/C instead keeps only grey images unchanged.) `rgb_bands`
+  are the positions of R, G, B among the `channels` bands; numpy or jax arrays in and out.
+  """
+  rgb = _check_bands(channels, rgb_bands)
+  if kernel.ndim != 4 or kernel.shape[2] != 3:
+    raise ValueError(f"expected an HWIO kernel over 3 input bands, got shape {kernel.shape}")
+  xp = np if isinstance(kernel, np.ndarray) else jnp
+  v = xp.mean(kernel, axis=2)
+  extra = channels - 3
+  cols = [kernel[:, :, rgb.index(b)] - (extra / 3) * v if b in rgb else v
+          for b in range(channels)]
+  return xp.stack(cols, axis=2).astype(kernel.dtype)
+
+
+def expand_output(a, channels: int, rgb_bands=RGB_BANDS):
+  """A last axis of 3 output bands (a kernel's O axis or a bias) -> `channels` bands: the RGB
+  ones where `rgb_bands` says, every extra band the mean of the three (a grey estimate)."""
+  rgb = _check_bands(channels, rgb_bands)
+  if a.shape[-1] != 3:
+    raise ValueError(f"expected 3 output bands on the last axis, got shape {a.shape}")
+  xp = np if isinstance(a, np.ndarray) else jnp
+  mean = xp.mean(a, axis=-1)
+  return xp.stack([a[..., rgb.index(b)] if b in rgb else mean for b in range(channels)],
+                  axis=-1).astype(a.dtype)
+
+
+def with_image_stem(params, config: "AutoencoderConfig", rgb_bands=RGB_BANDS):
+  """Params of a 3-band autoencoder (no image stem) -> params for `config` (which has one):
+  the shared params are kept as they are (so label colours encode exactly as before) and
+  `conv_in_image` / `conv_out_image` are built from `conv_in` / `conv_out` (module doc)."""
+  if not config.has_image_stem:
+    raise ValueError(f"config has no image stem (image_channels={config.image_channels}, "
+                     f"in_channels={config.in_channels})")
+  if "conv_in_image" in params["encoder"]:
+    raise ValueError("these autoencoder params already have an image stem")
+  c = config.image_channels
+  cin, cout = params["encoder"]["conv_in"], params["decoder"]["conv_out"]
+  encoder = {**params["encoder"], "conv_in_image": {
+      "kernel": expand_input_kernel(cin["kernel"], c, rgb_bands), "bias": cin["bias"]}}
+  decoder = {**params["decoder"], "conv_out_image": {
+      "kernel": expand_output(cout["kernel"], c, rgb_bands),
+      "bias": expand_output(cout["bias"], c, rgb_bands)}}
+  return {**params, "encoder": encoder, "decoder": decoder}
 
 
 @flax.struct.dataclass
@@ -208,7 +309,8 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Image (B, H, W, in) -> moments (B, H/f, W/f, 2 * latent) before quant_conv."""
+  """Image (B, H, W, in or image_channels) -> moments (B, H/f, W/f, 2 * latent) before
+  quant_conv; the band count picks the stem (module doc)."""
   config: AutoencoderConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -219,7 +321,17 @@ class Encoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     groups, eps = cfg.norm_num_groups, cfg.norm_eps
     block = nn.remat(ResnetBlock) if cfg.remat else ResnetBlock
-    x = layers.Conv(cfg.block_out_channels[0], 3, padding=1, name="conv_in", **kw)(x)
+    stem = layers.Conv(cfg.block_out_channels[0], 3, padding=1, name="conv_in", **kw)
+    if cfg.has_image_stem:
+      image_stem = layers.Conv(cfg.block_out_channels[0], 3, padding=1, name="conv_in_image",
+                               **kw)
+      is_image = x.shape[-1] == cfg.image_channels
+      if self.is_initializing():  # create both stems, whichever band count init was given
+        other, bands = (stem, cfg.in_channels) if is_image else (image_stem, cfg.image_channels)
+        other(jnp.zeros((1, 1, 1, bands), x.dtype))
+      if is_image:
+        stem = image_stem
+    x = stem(x)
     last = len(cfg.block_out_channels) - 1
     for i, features in enumerate(cfg.block_out_channels):
       for j in range(cfg.layers_per_block):
@@ -237,13 +349,14 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Latent (B, h, w, latent) after post_quant_conv -> image (B, h*f, w*f, out)."""
+  """Latent (B, h, w, latent) after post_quant_conv -> image (B, h*f, w*f, out), or with
+  `image=True` and an image stem (B, h*f, w*f, image_channels)."""
   config: AutoencoderConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
+  def __call__(self, z: jax.Array, image: bool = False) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     groups, eps = cfg.norm_num_groups, cfg.norm_eps
@@ -260,7 +373,14 @@ class Decoder(nn.Module):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
         x = layers.Conv(features, 3, padding=1, name=f"up_blocks_{i}_upsample", **kw)(x)
     x = layers.GroupNorm(groups, eps, name="conv_norm_out", **kw)(x)
-    return layers.Conv(cfg.out_channels, 3, padding=1, name="conv_out", **kw)(nn.silu(x))
+    head = layers.Conv(cfg.out_channels, 3, padding=1, name="conv_out", **kw)
+    if cfg.has_image_stem:
+      image_head = layers.Conv(cfg.image_channels, 3, padding=1, name="conv_out_image", **kw)
+      if self.is_initializing():  # create both heads
+        (head if image else image_head)(nn.silu(x))
+      if image:
+        head = image_head
+    return head(nn.silu(x))
 
 
 class AutoencoderKL(nn.Module):
@@ -280,7 +400,14 @@ class AutoencoderKL(nn.Module):
       self.post_quant_conv = layers.Conv(cfg.latent_channels, 1, padding=0, **kw)
 
   def encode(self, x: jax.Array) -> DiagonalGaussian:
-    """Posterior q(z|x) for images x (B, H, W, in_channels); H, W divisible by the factor."""
+    """Posterior q(z|x) for x (B, H, W, in_channels or image_channels); H, W divisible by the
+    factor."""
+    if x.shape[-1] not in self.config.accepted_bands:
+      raise ValueError(f"the autoencoder takes {' or '.join(map(str, self.config.accepted_bands))}"
+                       f" bands (in_channels={self.config.in_channels}: label colours"
+                       + (f", image_channels={self.config.image_channels}: images"
+                          if self.config.has_image_stem else "")
+                       + f"), got {x.shape[-1]} bands (input shape {x.shape})")
     factor = self.config.downsample_factor
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f"image size {x.shape[1:3]} must be divisible by {factor}")
@@ -289,11 +416,12 @@ class AutoencoderKL(nn.Module):
       moments = self.quant_conv(moments)
     return DiagonalGaussian.from_moments(moments)
 
-  def decode(self, z: jax.Array) -> jax.Array:
-    """Image (B, h*f, w*f, out_channels) from an unscaled latent z (B, h, w, latent)."""
+  def decode(self, z: jax.Array, image: bool = False) -> jax.Array:
+    """Image (B, h*f, w*f, out_channels) from an unscaled latent z (B, h, w, latent); with
+    `image=True` and an image stem, the image bands (B, h*f, w*f, image_channels)."""
     if self.config.use_post_quant_conv:
       z = self.post_quant_conv(z)
-    return self.decoder(z)
+    return self.decoder(z, image)
 
   def _latent(self, posterior: DiagonalGaussian, rng: jax.Array | None,
               sample_posterior: bool | None) -> jax.Array:
@@ -316,15 +444,17 @@ class AutoencoderKL(nn.Module):
     z = self._latent(self.encode(x), rng, sample_posterior)
     return z * self.config.scaling_factor
 
-  def decode_latents(self, z: jax.Array) -> jax.Array:
-    """Image from a diffusion latent: decode(z / scaling_factor)."""
-    return self.decode(z / self.config.scaling_factor)
+  def decode_latents(self, z: jax.Array, image: bool = False) -> jax.Array:
+    """Image from a diffusion latent: decode(z / scaling_factor, image)."""
+    return self.decode(z / self.config.scaling_factor, image)
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None,
                sample_posterior: bool | None = None) -> tuple[jax.Array, DiagonalGaussian]:
-    """Reconstruction for training: returns (decode(z), posterior) with z sampled or the mean."""
+    """Reconstruction for training: returns (decode(z), posterior) with z sampled or the mean;
+    C-band images come back through the image head, with their C bands."""
     posterior = self.encode(x)
-    return self.decode(self._latent(posterior, rng, sample_posterior)), posterior
+    image = self.config.has_image_stem and x.shape[-1] == self.config.image_channels
+    return self.decode(self._latent(posterior, rng, sample_posterior), image), posterior
 
 
 def autoencoder_loss(model: AutoencoderKL, params, images: jax.Array, rng: jax.Array,

@@ -16,6 +16,10 @@ Compute layout, and where it differs from the original on purpose:
   forward. Same numbers, one encoder pass fewer.
 * Control-CFG: the unconditional branch is the same UNet with zero residuals, so it shares the
   encoder pass too; only the up path runs on a 2B batch (`eps_cfg`).
+
+Multispectral images (C bands): the VAE encodes them through its image stem and label colours
+through its 3-band one (`models/autoencoder.py`), so the latents, the denoiser and the CG net
+are the same for any C; the DINOv2 teacher reads the three bands `teacher_bands` (R, G, B).
 """
 from __future__ import annotations
 
@@ -41,8 +45,12 @@ class RefinerConfig:
   teacher: dinov2.DinoV2Config | None = None
   projector_hidden: int = 2048
   context_length: int = 77
+  teacher_bands: tuple[int, ...] = (0, 1, 2)  # the image bands DINOv2 reads (R, G, B)
 
   def __post_init__(self):
+    object.__setattr__(self, "teacher_bands", tuple(int(b) for b in self.teacher_bands))
+    if len(self.teacher_bands) != 3:
+      raise ValueError(f"teacher_bands {self.teacher_bands} must name 3 image bands (R, G, B)")
     if self.guidance.skip_channels != tuple(self.denoiser.skip_channels):
       raise ValueError(f"guidance skip_channels {self.guidance.skip_channels} do not match the "
                        f"denoiser's {tuple(self.denoiser.skip_channels)}")
@@ -236,6 +244,12 @@ class Refiner:
                                   method=self.label_embed.decode)
 
   def teacher_tokens(self, frozen: Params, image: jax.Array) -> jax.Array:
+    bands = self.config.teacher_bands
+    if image.shape[-1] != 3 or bands != (0, 1, 2):
+      if max(bands) >= image.shape[-1]:
+        raise ValueError(f"teacher_bands {bands} (config.data.rgb_bands) out of range for "
+                         f"{image.shape[-1]}-band images")
+      image = image[..., list(bands)]
     x = repa.teacher_input(image, self.config.teacher.patch_size)
     return self.teacher.apply({"params": frozen["teacher"]}, x)["x_norm_patchtokens"]
 

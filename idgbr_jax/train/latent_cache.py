@@ -124,7 +124,7 @@ def build(ref, frozen, frozen_sh, config: ml_collections.ConfigDict, num_classes
   ids = [None] * n
   for b in range(num_batches):
     chunk = items[b * global_batch:(b + 1) * global_batch]
-    host = {k: np.zeros((per_process, size, size) + ((3,) if k == "image" else ()),
+    host = {k: np.zeros((per_process, size, size) + ((int(cfg.get("in_channels", 3)),) if k == "image" else ()),
                         np.float32 if k == "image" else np.int32) for k in KEYS}
     for i, (row, slot) in enumerate(chunk[first_row:first_row + per_process]):
       e = example(row)

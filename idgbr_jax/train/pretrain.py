@@ -81,12 +81,23 @@ def train_autoencoder(config: ml_collections.ConfigDict, data_config: ml_collect
   decoder), optim, seed. `data_config` is a full
   Stage I/II config (its `data`, `batch_size`, `mesh_shape` and `sharding_rules` are used), so
   images get exactly the normalisation Stage II feeds the VAE.
+
+  Images of another band count than the label colours' 3 (`data.in_channels`, e.g. 4 for
+  RGBIR) train the autoencoder's image stem (`image_channels`, see models/autoencoder.py): the
+  images and the colour maps then go through in two passes, and the loss is the mean of the two
+  objectives (with 3 bands it is one pass over [images; colours], as before).
   """
   out_dir = common.ensure_workdir(out_dir)
   mesh = sharding.mesh_from_config(data_config)
   rules = tuple(data_config.sharding_rules)
   num_classes = sources.num_classes(data_config.data)
   ae_cfg = autoencoder.get_config(config.variant, **dict(config.get("overrides", {})))
+  channels = int(data_config.data.get("in_channels", 3))
+  if channels != ae_cfg.in_channels and not ae_cfg.has_image_stem:
+    ae_cfg = dataclasses.replace(ae_cfg, image_channels=channels)
+  if channels not in ae_cfg.accepted_bands:
+    raise ValueError(f"config.data.in_channels={channels}, but the autoencoder overrides give "
+                     f"image_channels={ae_cfg.image_channels}")
   model = autoencoder.AutoencoderKL(ae_cfg)
   le_meta = params_ckpt.load_meta(label_embed_dir)
   le_model = label_embedding.LabelEmbedding(label_embedding.LabelEmbedConfig(**le_meta["config"]))
@@ -104,16 +115,28 @@ def train_autoencoder(config: ml_collections.ConfigDict, data_config: ml_collect
   def step_fn(state, batch, rng, le_params):
     rng = jax.random.fold_in(rng, state["step"])
     colours = le_model.apply({"params": le_params}, batch["label"], method=le_model.encode)
-    x = jnp.concatenate([batch["image"], colours.astype(batch["image"].dtype)])
-    b = batch["image"].shape[0]  # x = [images; label colours]
+    colours = colours.astype(batch["image"].dtype)
+    b = batch["image"].shape[0]
+
+    def reconstruct(p):
+      """(loss, aux, reconstructed label colours)."""
+      if not ae_cfg.has_image_stem:
+        x = jnp.concatenate([batch["image"], colours])  # [images; label colours]: one pass
+        loss, aux = autoencoder.autoencoder_loss(model, p, x, rng, config.kl_weight)
+        return loss, aux, aux.pop("reconstruction")[b:]
+      r_img, r_col = jax.random.split(rng)
+      loss_i, aux_i = autoencoder.autoencoder_loss(model, p, batch["image"], r_img,
+                                                   config.kl_weight)
+      loss_c, aux_c = autoencoder.autoencoder_loss(model, p, colours, r_col, config.kl_weight)
+      aux = {k: 0.5 * (aux_i[k] + aux_c[k]) for k in ("loss", "l1", "mse", "kl")}
+      return 0.5 * (loss_i + loss_c), aux, aux_c["reconstruction"]
 
     def loss_fn(p):
-      loss, aux = autoencoder.autoencoder_loss(model, p, x, rng, config.kl_weight)
-      recon = aux.pop("reconstruction")
+      loss, aux, colour_recon = reconstruct(p)
       if config.get("label_ce_weight", 0.0):
         # What Stage II needs from the autoencoder is that decoded label colours decode back to
         # the right classes: score the colour reconstructions through the frozen decoder.
-        logits = le_model.apply({"params": le_params}, recon[b:], method=le_model.decode)
+        logits = le_model.apply({"params": le_params}, colour_recon, method=le_model.decode)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         loss = loss + config.label_ce_weight * ce
         aux = {**aux, "label_ce": ce,

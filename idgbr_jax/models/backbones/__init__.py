@@ -1,7 +1,8 @@
 """Stage I discriminative segmenters: U-Net, DeepLabv3+ (ResNet) and SegFormer (MiT).
 
-Every backbone maps images [B, H, W, 3] (float, any normalisation) to float32 logits
-[B, H, W, num_classes] at the input resolution:
+Every backbone maps images [B, H, W, C] (float, any normalisation; C = the config's
+`in_channels`, 3 by default, 4 for RGBIR) to float32 logits [B, H, W, num_classes] at the input
+resolution:
 
     model = get_backbone("segformer", num_classes=6, variant="b2", dtype=jnp.bfloat16)
     variables = model.init(key, images, train=False)
@@ -10,7 +11,9 @@ Every backbone maps images [B, H, W, 3] (float, any normalisation) to float32 lo
 All three use BatchNorm somewhere (U-Net and ResNet/DeepLab throughout, SegFormer in its decoder
 fuse layer, as the reference does), so `init` returns a `batch_stats` collection. H and W must be
 divisible by `model.total_stride` (U-Net base 16, DeepLabv3+ its output stride, SegFormer 32);
-otherwise the call raises ValueError.
+otherwise the call raises ValueError, as it does for another band count than `in_channels`.
+Only the first conv (U-Net `down0/block0/conv`, ResNet `conv1`, SegFormer `patch_embed1`) sees
+the bands; `idgbr_jax.convert.bands.adapt_backbone` expands 3-band weights of it to C bands.
 """
 from __future__ import annotations
 

@@ -39,6 +39,7 @@ class DeepLabV3PlusConfig:
   low_level_features: int = 48
   decoder_features: int = 256
   decoder_convs: int = 2                  # 3x3 conv + BN + ReLU layers after the concat
+  in_channels: int = 3                    # image bands (4 for RGBIR)
 
   def __post_init__(self):
     if isinstance(self.encoder, str):  # allow get_config(..., encoder="r101")
@@ -99,7 +100,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-  """DeepLabv3+ segmenter: images [B,H,W,3] -> logits [B,H,W,num_classes] (float32)."""
+  """DeepLabv3+ segmenter: images [B,H,W,in_channels] -> logits [B,H,W,num_classes]."""
   config: DeepLabV3PlusConfig
   num_classes: int
   dtype: Dtype = jnp.float32
@@ -113,6 +114,7 @@ class DeepLabV3Plus(nn.Module):
   def __call__(self, images: Array, *, train: bool) -> Array:
     cfg = self.config
     b, h, w, _ = images.shape
+    resnet.check_bands("DeepLabV3Plus", cfg.in_channels, images)
     s = cfg.total_stride
     if h % s or w % s:
       raise ValueError(f"DeepLabV3Plus (output_stride {s}) needs H and W divisible by {s}, "

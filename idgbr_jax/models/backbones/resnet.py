@@ -72,6 +72,14 @@ def replace_config(config, overrides: dict, what: str):
   return dataclasses.replace(config, **overrides)
 
 
+def check_bands(name: str, in_channels: int, images) -> None:
+  """Raises ValueError naming `in_channels` when `images` (B,H,W,C) have another band count."""
+  if images.shape[-1] != in_channels:
+    raise ValueError(f"{name} was built for in_channels={in_channels} image bands, got "
+                     f"{images.shape[-1]} (input shape {tuple(images.shape)}); set "
+                     "config.data.in_channels to the dataset's band count")
+
+
 def get_config(variant: str, **overrides) -> ResNetConfig:
   """Named ResNet variant with optional field overrides."""
   if variant not in VARIANTS:

@@ -56,6 +56,7 @@ class SegFormerConfig:
   # on, `apply` needs rngs={'dropout': key} in train mode.
   drop_path_rate: float = 0.0
   decoder_dropout: float = 0.0
+  in_channels: int = 3               # image bands (4 for RGBIR): patch_embed1 reads them
 
   def __post_init__(self):
     n = len(self.embed_dims)
@@ -215,7 +216,7 @@ class MixTransformer(nn.Module):
 
 
 class SegFormer(nn.Module):
-  """SegFormer segmenter: images [B,H,W,3] -> logits [B,H,W,num_classes] (float32)."""
+  """SegFormer segmenter: images [B,H,W,in_channels] -> logits [B,H,W,num_classes]."""
   config: SegFormerConfig
   num_classes: int
   dtype: Dtype = jnp.float32
@@ -229,6 +230,7 @@ class SegFormer(nn.Module):
   def __call__(self, images: Array, *, train: bool) -> Array:
     cfg = self.config
     b, h, w, _ = images.shape
+    resnet.check_bands("SegFormer", cfg.in_channels, images)
     s = cfg.total_stride
     if h % s or w % s:
       raise ValueError(f"SegFormer needs H and W divisible by {s}, got {h}x{w}")

@@ -27,6 +27,7 @@ class UNetConfig:
   """U-Net channel widths per level and the upsampling kind."""
   features: tuple[int, ...] = (64, 128, 256, 512, 1024)  # level 0 (full res) .. bottleneck
   upsample: str = "transpose"                            # "transpose" or "bilinear"
+  in_channels: int = 3                                   # image bands (4 for RGBIR)
 
   def __post_init__(self):
     if self.upsample not in ("transpose", "bilinear"):
@@ -91,7 +92,7 @@ class UpConv2x2(nn.Module):
 
 
 class UNet(nn.Module):
-  """U-Net segmenter: images [B,H,W,3] -> logits [B,H,W,num_classes] (float32)."""
+  """U-Net segmenter: images [B,H,W,in_channels] -> logits [B,H,W,num_classes] (float32)."""
   config: UNetConfig
   num_classes: int
   dtype: Dtype = jnp.float32
@@ -105,6 +106,7 @@ class UNet(nn.Module):
   def __call__(self, images: Array, *, train: bool) -> Array:
     cfg = self.config
     b, h, w, _ = images.shape
+    resnet.check_bands("UNet", cfg.in_channels, images)
     s = cfg.total_stride
     if h % s or w % s:
       raise ValueError(f"UNet with {len(cfg.features)} levels needs H and W divisible by {s}, "
