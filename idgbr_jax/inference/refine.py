@@ -12,10 +12,19 @@ original needs s > 1: at s ≤ 1 its pipeline fails on an undefined variable). T
 batches its CFG halves as [uncond | cond], ours as [cond | uncond] (`Refiner.eps_cfg`): each
 example's forward pass is independent of its batch position, so the order does not change ε
 (tested).
+
+Noise: `refine_fn(..., rng)` takes one key per example, (B,) (a single key still works: one
+draw for the whole batch, as before). `refine_dataset` and `evaluate` key example `id` as
+`window_keys(seed, [example_key(id)], [0])`, and whole scenes (`idgbr refine`, `scene_predictor`)
+key window w of image `stem` as `window_keys(seed, [example_key(stem)], [w])`: a map depends on
+the seed and its own name only, not on the batch, the batch size or the other images, and an
+image of the training size refines to the same map either way.
 """
 from __future__ import annotations
 
+import copy
 import functools
+import zlib
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -30,9 +39,55 @@ from idgbr_jax.data import pipeline, sources
 from idgbr_jax.parallel import multihost, sharding
 
 
+# The posterior draws of one example use its own key, folded with a constant tag per draw
+# (image / coarse latent) that `encode_conditions` derives by splitting this key.
+_DRAW_TAGS_SEED = 0
+
+
+def _per_example_draws(ref, keys: jax.Array):
+  """A shallow copy of `ref` whose VAE posterior draws (`latent_from_moments`) take example i's
+  noise from keys[i]: its latents do not depend on the rest of the batch. The rng the copy is
+  handed (a constant) only tells its draws apart."""
+  keyed = copy.copy(ref)
+
+  def latent_from_moments(moments, rng):
+    tag = jax.random.key_data(rng).reshape(-1)
+
+    def one(m, k):
+      for t in range(tag.shape[0]):
+        k = jax.random.fold_in(k, tag[t])
+      return ref.latent_from_moments(m[None], k)[0]
+    return jax.vmap(one)(moments, keys)
+  keyed.latent_from_moments = latent_from_moments
+  return keyed
+
+
+def example_key(name: str) -> int:
+  """A stable 31-bit number for an example id or image stem (CRC-32): the noise of an image
+  depends on its name, not on its position among the others."""
+  if isinstance(name, (bytes, np.bytes_)):
+    name = bytes(name).decode()
+  return zlib.crc32(str(name).encode()) & 0x7FFFFFFF
+
+
+@jax.jit
+def _fold(base, scenes, windows):
+  return jax.vmap(lambda s, w: jax.random.fold_in(jax.random.fold_in(base, s), w))(scenes,
+                                                                                   windows)
+
+
+def window_keys(seed: int, scene_keys, window_indices) -> jax.Array:
+  """(B,) keys: fold_in(fold_in(key(seed), scene key), window index) per row."""
+  return _fold(jax.random.key(seed), np.asarray(scene_keys, np.int32),
+               np.asarray(window_indices, np.int32))
+
+
 def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, frozen_sh, *,
-                   autoencode_only: bool = False):
-  """Jitted (trainable, frozen, image, coarse, rng) -> refined class maps (uint8).
+                   autoencode_only: bool = False, output: str = "classes"):
+  """Jitted (trainable, frozen, image, coarse, rng) -> refined class maps (uint8), or with
+  `output="probs"` the label decoder's class probabilities (B, H, W, K) float32 (the softmax of
+  its logits: what windows of a scene blend; see `stage1.make_scores_fn` for why
+  probabilities). `rng`: (B,) keys, one per example, or one key for the batch.
 
   `autoencode_only=True` is the control without diffusion: the coarse map through the label
   embedding and the VAE and back (what refinement would return if it changed nothing in the
@@ -53,22 +108,36 @@ def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, f
   if from_coarse and not d.use_coarse and not autoencode_only:
     raise ValueError("diffusion.strength < 1 with diffusion.start='coarse' starts from the "
                      "coarse latent; it needs diffusion.use_coarse=True (or start='noise')")
+  if output not in ("classes", "probs"):
+    raise ValueError(f"output={output!r}; allowed: 'classes', 'probs'")
+
+  def finish(logits):
+    if output == "probs":
+      return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
   @functools.partial(
       jax.jit,
       in_shardings=(trainable_sh, frozen_sh, sharding.batch_sharding(mesh, 4, rules),
                     sharding.batch_sharding(mesh, 3, rules), sharding.replicated(mesh)),
-      out_shardings=sharding.batch_sharding(mesh, 3, rules))
+      out_shardings=sharding.batch_sharding(mesh, 4 if output == "probs" else 3, rules))
   def refine(trainable, frozen, image, coarse, rng):
-    r_cond, r_noise = jax.random.split(rng)
+    h = ref.latent_size(image.shape[1])
+    shape = (h, h, ref.config.denoiser.in_channels)
+    if rng.ndim == 1:  # one key per example
+      pairs = jax.vmap(jax.random.split)(rng)
+      model = _per_example_draws(ref, pairs[:, 0])
+      r_cond = jax.random.key(_DRAW_TAGS_SEED)
+      z_T = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(pairs[:, 1])
+    else:
+      model = ref
+      r_cond, r_noise = jax.random.split(rng)
+      z_T = jax.random.normal(r_noise, (image.shape[0],) + shape, jnp.float32)
     if autoencode_only:
       del trainable, image
-      z0 = ref.encode_labels(frozen, coarse, jax.random.split(r_cond)[1])
-      return jnp.argmax(ref.decode_logits(frozen, z0), axis=-1).astype(jnp.uint8)
-    cond = ref.encode_conditions(frozen, image, coarse, r_cond, use_coarse=d.use_coarse)
-    h = ref.latent_size(image.shape[1])
-    z_T = jax.random.normal(r_noise, (image.shape[0], h, h, ref.config.denoiser.in_channels),
-                            jnp.float32)
+      z0 = model.encode_labels(frozen, coarse, jax.random.split(r_cond)[1])
+      return finish(ref.decode_logits(frozen, z0))
+    cond = model.encode_conditions(frozen, image, coarse, r_cond, use_coarse=d.use_coarse)
     if from_coarse:
       z_T = diffusion.initial_latent(schedule, z_T, num_steps, strength, start,
                                      cond.coarse_latent.astype(jnp.float32))
@@ -78,23 +147,45 @@ def make_refine_fn(ref, config: ml_collections.ConfigDict, mesh, trainable_sh, f
       eps_fn = lambda z, t: ref.eps(trainable, frozen, z, t, cond)[0]  # noqa: E731
     z0 = diffusion.ddim_sample(eps_fn, z_T, schedule, num_steps,
                                scale if use_cfg else None, strength=strength)
-    logits = ref.decode_logits(frozen, z0)
-    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+    return finish(ref.decode_logits(frozen, z0))
 
   return refine
 
 
+def _batch_keys(config, ids: list[str], batch_size: int) -> jax.Array:
+  names = [example_key(i) for i in ids] + [0] * (batch_size - len(ids))
+  return window_keys(config.diffusion.sampling_seed, names, [0] * batch_size)
+
+
+def scene_predictor(refine_fn, trainable, frozen, config, mesh):
+  """`windows.run`'s `predict` for Stage II: a host batch of windows (image, coarse) ->
+  (B, T, T, K) probabilities (`refine_fn` made with output="probs"), window w of a scene with
+  key k sampled with `window_keys(seed, [k], [w])`."""
+  rules = tuple(config.sharding_rules)
+
+  def predict(arrays, refs):
+    n = len(arrays["image"])
+    pad = [0] * (n - len(refs))
+    keys = window_keys(config.diffusion.sampling_seed, [s.key for s, _ in refs] + pad,
+                       [w.index for _, w in refs] + pad)
+    g = pipeline.to_global(multihost.host_slice(
+        {"image": arrays["image"], "coarse": arrays["coarse"].astype(np.int32)}), mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return multihost.to_host(refine_fn(trainable, frozen, g["image"], g["coarse"], keys))
+  return predict
+
+
 def refine_dataset(refine_fn, trainable, frozen, ds, config, mesh
                    ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-  """Yields (id, refined, coarse, label) in order. Noise is seeded per batch index."""
+  """Yields (id, refined, coarse, label) in order. Noise is seeded per example id (module doc)."""
   rules = tuple(config.sharding_rules)
-  base = jax.random.key(config.diffusion.sampling_seed)
-  for i, (batch, ids, valid) in enumerate(pipeline.eval_batches(ds, config.eval_batch_size)):
+  for batch, ids, valid in pipeline.eval_batches(ds, config.eval_batch_size):
     arrays = pipeline.to_global(multihost.host_slice(
         {"image": batch["image"], "coarse": batch["coarse"].astype(np.int32)}), mesh, rules)
+    keys = _batch_keys(config, ids, config.eval_batch_size)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       refined = multihost.to_host(refine_fn(trainable, frozen, arrays["image"], arrays["coarse"],
-                                         jax.random.fold_in(base, i)))
+                                         keys))
     for j in range(valid):
       yield ids[j], refined[j], batch["coarse"][j], batch["label"][j]
 
@@ -119,14 +210,13 @@ def evaluate(ref, trainable, frozen, config, mesh, split: str | None = None) -> 
   refined_eval = mesh_metrics.MeshEvaluator(**kwargs, repair_class=1)
   coarse_eval = mesh_metrics.MeshEvaluator(**kwargs)
   rules = tuple(config.sharding_rules)
-  base = jax.random.key(config.diffusion.sampling_seed)
-  for i, (batch, ids, valid) in enumerate(pipeline.eval_batches(ds, config.eval_batch_size)):
+  for batch, ids, valid in pipeline.eval_batches(ds, config.eval_batch_size):
     arrays = pipeline.to_global(multihost.host_slice(
         {"image": batch["image"], "coarse": batch["coarse"].astype(np.int32),
          "label": batch["label"].astype(np.int32)}), mesh, rules)
+    keys = _batch_keys(config, ids[:valid], config.eval_batch_size)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      refined = refine_fn(trainable, frozen, arrays["image"], arrays["coarse"],
-                          jax.random.fold_in(base, i))
+      refined = refine_fn(trainable, frozen, arrays["image"], arrays["coarse"], keys)
     refined_eval.add(ids[:valid], refined, arrays["label"], arrays["coarse"])
     coarse_eval.add(ids[:valid], arrays["coarse"], arrays["label"])
   return {"refined": refined_eval.finish(), "coarse": coarse_eval.finish()}

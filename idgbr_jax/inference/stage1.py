@@ -1,6 +1,8 @@
 """Stage I inference: restore a trained segmenter and write coarse maps as index PNGs.
 
 The PNGs (`<out_dir>/<split>/<id>.png`, uint8 class indices) are the input of Stage II.
+Scenes of any size (`idgbr predict --images`) run in sliding windows (`inference.windows`):
+`make_scores_fn` gives each window's class probabilities, which are blended, not its argmax.
 Cross-fitted train-split maps (fold models trained on the other folds) are made by
 `train.stage1.predict_cross_fitted`, which trains the fold models and predicts with this module.
 """
@@ -16,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from idgbr_jax import paths
+from idgbr_jax import paths, progress
 from idgbr_jax.assembly import stage1 as assembly
 from idgbr_jax.data import pipeline, sources
 from idgbr_jax.parallel import multihost, sharding
@@ -32,6 +34,34 @@ def make_predict_fn(model, variable_shardings, mesh, rules):
   def predict(variables, images):
     logits = model.apply(variables, images, train=False)
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+  return predict
+
+
+def make_scores_fn(model, variable_shardings, mesh, rules):
+  """Jitted (variables, images) -> (B, H, W, K) float32 class probabilities (softmax).
+
+  Windows blend probabilities rather than logits: they are bounded, so a window that is
+  over-confident near its border (where it lacks context) cannot outvote its neighbour, and the
+  ramp weights read as shares of the vote. Where one window covers a pixel its argmax is the
+  logits' argmax (float32 ties aside), so a scene of one window is the single-tile prediction.
+  """
+  images_sharding = sharding.batch_sharding(mesh, 4, rules)
+
+  @functools.partial(jax.jit, in_shardings=(variable_shardings, images_sharding),
+                     out_shardings=sharding.batch_sharding(mesh, 4, rules))
+  def scores(variables, images):
+    logits = model.apply(variables, images, train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return scores
+
+
+def scene_predictor(scores_fn, variables, mesh, rules):
+  """`windows.run`'s `predict` for Stage I: a host batch of windows -> (B, T, T, K) scores."""
+  def predict(arrays, refs):
+    del refs  # Stage I is deterministic: nothing depends on which window a row is
+    images = pipeline.to_global(multihost.host_slice({"image": arrays["image"]}), mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return multihost.to_host(scores_fn(variables, images["image"]))
   return predict
 
 
@@ -75,10 +105,12 @@ def predict_split(workdir: str, split: str, out_dir: str, *, indices=None,
   var_shardings = jax.tree.map(lambda x: x.sharding, variables)
   predict_fn = make_predict_fn(model, var_shardings, mesh, rules)
   n = 0
-  for example_id, pred, _ in predict_dataset(predict_fn, variables, ds,
-                                             config.eval_batch_size, mesh, rules):
-    if jax.process_index() == 0:
-      write_png(paths.join(out_dir, split, f"{example_id}.png"), pred)
-    n += 1
+  with progress.Progress(len(ds), f"predict {split}", unit="map") as bar:
+    for example_id, pred, _ in predict_dataset(predict_fn, variables, ds,
+                                               config.eval_batch_size, mesh, rules):
+      if jax.process_index() == 0:
+        write_png(paths.join(out_dir, split, f"{example_id}.png"), pred)
+      n += 1
+      bar.update(1)
   logging.info("wrote %d coarse maps of %s to %s", n, split, paths.join(out_dir, split))
   return n
