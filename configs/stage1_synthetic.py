@@ -3,7 +3,8 @@ r"""Stage I (discriminative segmenter) on the embedded synthetic remote-sensing 
   idgbr train --config=configs/stage1_synthetic.py:backbone=unet,variant=small \
       --workdir=/tmp/stage1 --config.num_train_steps=2000
 
-`:runlocal` shrinks everything to a CPU-sized smoke run. Architecture variants live in
+`:runlocal` shrinks everything to a CPU-sized smoke run. `:channels=4` trains on the 4-band
+(RGB + NIR) build of the dataset (`config.data.in_channels=4`). Architecture variants live in
 `idgbr_jax/models/backbones/*` (unet: tiny/small/base, deeplabv3plus: tiny/r18/r50/r101,
 segformer: tiny/b0..b5).
 """
@@ -14,7 +15,7 @@ from idgbr_configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, task="multiclass6", backbone="unet", variant="small",
-                         image_size=128, runlocal=False)
+                         image_size=128, channels=3, runlocal=False)
   config = ml_collections.ConfigDict()
   config.stage = "stage1"
   config.seed = 0
@@ -32,6 +33,8 @@ def get_config(arg=None):
   config.data.crop_size = 0               # 0 = no random crop
   config.data.augment = "fliprot"         # none | flip | fliprot (the original's legacy paired aug)
   config.data.normalization = "imagenet"  # imagenet (the original's quirk) | minus_one_one | unit
+  config.data.in_channels = arg.channels  # image bands: 3 (RGB) | 4 (RGB + NIR)
+  config.data.rgb_bands = (0, 1, 2)       # positions of R, G, B among them
   config.data.binarize_labels = False     # the original maps label != 0 -> 1 for 2-class data
   config.data.ignore_index = 255
   config.data.num_folds = 0               # >0: k-fold cross-fitting; this run leaves out `fold`
@@ -70,6 +73,9 @@ def get_config(arg=None):
   config.nan_policy = "stop"
   config.nan_max_skips = 10
   config.eval_batch_size = 16
+  # Pictures of the first N eval examples at every evaluation (<workdir>/panels/step_<N>/ and
+  # TensorBoard images); 0: none.
+  config.num_eval_panels = 4
 
   config.mesh_shape = common.mesh_config(data=-1)
   # Multi-slice: slices per axis over the data-centre network (granules: TPU slices, else

@@ -5,6 +5,7 @@ r"""Stage II (the IDGBR refiner) on the embedded synthetic dataset.
       --config.init.autoencoder=/tmp/ae --config.init.label_embed=/tmp/le
 
 Ablations (as the original's configs): full | no_rough | no_align | cubic | no_cubic.
+`:channels=4`: the 4-band (RGB + NIR) build of the dataset.
 Ours, as flags: --config.model.guidance_init_mode=paper, --config.diffusion.guidance_scale=...,
 --config.diffusion.num_inference_steps=..., --config.diffusion.cond_dropout=0.1,
 --config.diffusion.strength=0.2 --config.diffusion.start=coarse|noise.
@@ -19,7 +20,8 @@ ABLATIONS = ("full", "no_rough", "no_align", "cubic", "no_cubic")
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, task="multiclass6", ablation="full", image_size=64, runlocal=False)
+  arg = common.parse_arg(arg, task="multiclass6", ablation="full", image_size=64, channels=3,
+                         runlocal=False)
   if arg.ablation not in ABLATIONS:
     raise ValueError(f"ablation {arg.ablation!r}; allowed: {ABLATIONS}")
   config = ml_collections.ConfigDict()
@@ -40,6 +42,10 @@ def get_config(arg=None):
   config.data.crop_size = 0
   config.data.augment = "fliprot"          # the released HEAD trains without; paper-time used it
   config.data.normalization = "imagenet"   # the original's quirk (fed to the VAE and DINOv2)
+  # Image bands: 3 (RGB) | 4 (RGB + NIR; the VAE gets a 4-band image stem, label colours keep
+  # its 3-band one, the REPA teacher reads rgb_bands).
+  config.data.in_channels = arg.channels
+  config.data.rgb_bands = (0, 1, 2)
   config.data.binarize_labels = False
   config.data.ignore_index = 255
   config.data.num_folds = 0
@@ -123,6 +129,9 @@ def get_config(arg=None):
   config.nan_policy = "stop"
   config.nan_max_skips = 10
   config.eval_batch_size = 8
+  # Pictures of the first N eval examples at every evaluation (<workdir>/panels/step_<N>/ and
+  # TensorBoard images); 0: none.
+  config.num_eval_panels = 4
 
   config.mesh_shape = common.mesh_config(data=-1)
   # Multi-slice: slices per axis over the data-centre network (granules: TPU slices, else

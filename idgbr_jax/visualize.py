@@ -137,12 +137,32 @@ def _titled(tiles: list[np.ndarray], titles: list[str], gap: int) -> np.ndarray:
   return np.asarray(im)
 
 
+def display_scale(size: int, min_size: int = 128) -> int:
+  """The integer zoom that shows a `size`-pixel tile at least `min_size` pixels wide (small
+  tiles, e.g. 32-64 px, would be too small to see, and narrower than their titles)."""
+  return max(1, -(-min_size // max(int(size), 1)))
+
+
+def _row(tiles: list[np.ndarray], names: list[str], titles: bool, gap: int,
+         scale: int) -> np.ndarray:
+  if scale > 1:  # nearest-neighbour: every map pixel stays one colour block
+    tiles = [np.repeat(np.repeat(t, scale, axis=0), scale, axis=1) for t in tiles]
+  if titles:
+    return _titled(tiles, names, gap)
+  sep = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
+  row = [tiles[0]]
+  for t in tiles[1:]:
+    row += [sep, t]
+  return np.concatenate(row, axis=1)
+
+
 def panel(image: np.ndarray, label: Optional[np.ndarray], coarse: np.ndarray,
           refined: np.ndarray, num_classes: int, *, colours: Optional[np.ndarray] = None,
           bands: Sequence[int] = (0, 1, 2), ignore_label: int = IGNORE_LABEL,
-          titles: bool = True, gap: int = 2) -> np.ndarray:
+          titles: bool = True, gap: int = 2, scale: int = 1) -> np.ndarray:
   """One row, (H + header, 5W + gaps, 3) uint8: image | ground truth | coarse | refined |
-  changed; without `label` the ground-truth column is left out."""
+  changed; without `label` the ground-truth column is left out. `scale` > 1 zooms every tile
+  by that integer factor."""
   colours = palette(num_classes) if colours is None else np.asarray(colours, np.uint8)
   coarse, refined = np.asarray(coarse), np.asarray(refined)
   rgb = image_to_rgb(image, bands)
@@ -155,13 +175,41 @@ def panel(image: np.ndarray, label: Optional[np.ndarray], coarse: np.ndarray,
   tiles += [colorize(coarse, colours), colorize(refined, colours),
             change_map(label, coarse, refined, ignore_label)]
   names += ["coarse", "refined", "changed" if label is None else "repaired / damaged"]
-  if titles:
-    return _titled(tiles, names, gap)
-  sep = np.full((rgb.shape[0], gap, 3), 255, np.uint8)
-  row = [tiles[0]]
-  for t in tiles[1:]:
-    row += [sep, t]
-  return np.concatenate(row, axis=1)
+  return _row(tiles, names, titles, gap, scale)
+
+
+def select_panels(changed: dict[str, int], num_changed: int = 4, num_random: int = 2,
+                  seed: int = 0) -> list[tuple[str, str]]:
+  """(example id, tag) of the images to draw: the `num_changed` whose maps refinement changed
+  most (`changed`: id -> changed pixels; ties by id), then `num_random` of the others drawn
+  with `seed` (typical images, not only the extremes), in id order."""
+  ranked = sorted(changed, key=lambda k: (-changed[k], k))
+  picks = [(k, "most_changed") for k in ranked[:num_changed]]
+  rest = sorted(ranked[num_changed:])
+  drawn = np.random.default_rng(seed).permutation(len(rest))[:num_random]
+  return picks + [(rest[i], "random") for i in sorted(drawn.tolist())]
+
+
+
+
+def label_panel(image: np.ndarray, label: Optional[np.ndarray], prediction: np.ndarray,
+                num_classes: int, *, colours: Optional[np.ndarray] = None,
+                bands: Sequence[int] = (0, 1, 2), titles: bool = True,
+                gap: int = 2, scale: int = 1) -> np.ndarray:
+  """A segmenter's row (Stage I, nothing refined yet): image | ground truth | prediction;
+  without `label`, image | prediction. `scale` as in `panel`."""
+  colours = palette(num_classes) if colours is None else np.asarray(colours, np.uint8)
+  rgb = image_to_rgb(image, bands)
+  prediction = np.asarray(prediction)
+  if rgb.shape[:2] != prediction.shape:
+    raise ValueError(f"image {rgb.shape[:2]} and prediction {prediction.shape} differ in size")
+  tiles, names = [rgb], ["image"]
+  if label is not None:
+    tiles.append(colorize(label, colours))
+    names.append("ground truth")
+  tiles.append(colorize(prediction, colours))
+  names.append("prediction")
+  return _row(tiles, names, titles, gap, scale)
 
 
 def write_panel(path: paths.PathLike, *args, **kwargs) -> None:

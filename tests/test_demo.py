@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idgbr_jax import metrics
+from idgbr_jax import metrics, visualize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,3 +58,14 @@ def test_demo_runlocal_writes_a_consistent_report(tmp_path):
   assert report["refined"]["repair"] == again["repair"] and "Repair analysis" in res.stdout
   assert sum(report["refined"]["repair"]["images"].values()) == 8
   assert report["seconds"] > 0
+  # Panels: the 4 test images refinement changed most, then 2 random ones, 5 columns each.
+  panels = sorted(os.listdir(tmp_path / "panels"))
+  assert len(panels) == 6 and f"-> {tmp_path / 'panels'}" in res.stdout
+  changed = {k: int(np.sum(refined[k] != coarse[k])) for k in stems}
+  assert panels[:4] == [f"{i}_most_changed_{k}.png" for i, (k, _) in
+                        enumerate(visualize.select_panels(changed, 4, 2)[:4])]
+  assert all("_random_" in p for p in panels[4:])
+  with Image.open(tmp_path / "panels" / panels[0]) as im:
+    assert im.size == (5 * 128 + 4 * 2, 128 + 14)  # 32 px tiles zoomed x4 for display
+  assert "demo" in res.stderr and "stage" in res.stderr  # the stage bar (progress with ETA)
+

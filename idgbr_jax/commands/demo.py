@@ -2,16 +2,26 @@
 
 The whole method on the embedded synthetic dataset: Stage I -> coarse maps -> label embedding
 -> autoencoder -> Stage II -> refined test maps, and a table of coarse vs refined metrics (also
-`DIR/report.json`). Every stage resumes / skips when its output already exists in DIR.
+`DIR/report.json`), and pictures of a few test images (`DIR/panels/`: image | ground truth |
+coarse | refined | repaired/damaged). Every stage resumes / skips when its output already exists
+in DIR.
 """
 import importlib.util
 import os
 import time
 
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from idgbr_jax.commands import _runtime
+
+# Panels: the test images whose maps refinement changed most, and a few random others.
+NUM_CHANGED_PANELS = 4
+NUM_RANDOM_PANELS = 2
+# What the stage bar (progress with an ETA, on stderr) counts: dataset, stage I, coarse maps,
+# label embedding, autoencoder, stage II, refinement, evaluation and panels.
+NUM_STAGES = 8
 
 
 def _default_config() -> str:
@@ -43,7 +53,7 @@ def main(argv):
   _runtime.setup()
   # pylint: disable=import-outside-toplevel
   import jax
-  from idgbr_jax import metrics, paths
+  from idgbr_jax import metrics, paths, progress
   from idgbr_jax.data import sources
   from idgbr_jax.inference import refine as refine_lib
   from idgbr_jax.inference import stage1 as infer
@@ -60,15 +70,18 @@ def main(argv):
     s2.init.label_embed = paths.join(workdir, "label_embed")
     s2.init.autoencoder = paths.join(workdir, "autoencoder")
   t0 = time.time()
+  stages = progress.Progress(NUM_STAGES, "demo", unit="stage")
   num_classes = sources.num_classes(s1.data)
   n_train = len(sources.get_source(s1.data, s1.data.train_split))
   n_test = len(sources.get_source(s1.data, s1.data.eval_split))
   _say(t0, f"dataset synthetic_rs/{s1.data.task}: {n_train} train / {n_test} test, "
        f"{s1.data.image_size}px, {num_classes} classes")
+  stages.update()
 
   stage1_dir = paths.join(workdir, "stage1")
   stage1.train_and_evaluate(s1, stage1_dir)
   _say(t0, f"stage I {s1.model.backbone}/{s1.model.variant} trained ({s1.num_train_steps} steps)")
+  stages.update()
   if config.num_folds:
     stage1.predict_cross_fitted(stage1_dir, coarse_dir, config.num_folds, s1)
   else:
@@ -76,6 +89,7 @@ def main(argv):
   infer.predict_split(stage1_dir, s1.data.eval_split, coarse_dir, config=s1)
   _say(t0, f"coarse maps -> {coarse_dir} (train split cross-fitted over {config.num_folds} "
        "folds)" if config.num_folds else f"coarse maps -> {coarse_dir}")
+  stages.update()
 
   if not paths.exists(paths.join(s2.init.label_embed, "meta.json")):
     le_cfg = config.label_embed
@@ -83,15 +97,18 @@ def main(argv):
       le_cfg.num_classes = num_classes
     le = pretrain.train_label_embedding(le_cfg, s2.init.label_embed)
     _say(t0, f"label embedding trained (noisy-decode accuracy {le['accuracy']:.3f})")
+  stages.update()
   if not paths.exists(paths.join(s2.init.autoencoder, "meta.json")):
     ae = pretrain.train_autoencoder(config.autoencoder, s2, s2.init.label_embed,
                                     s2.init.autoencoder)
     _say(t0, f"autoencoder trained (L1 {ae['l1']:.3f}, label round-trip pixel accuracy "
          f"{ae['label_accuracy']:.3f})")
+  stages.update()
 
   stage2_dir = paths.join(workdir, "stage2")
   out = stage2.train_and_evaluate(s2, stage2_dir)
   _say(t0, f"stage II trained ({s2.num_train_steps} steps)")
+  stages.update()
 
   refined_dir = paths.join(workdir, "refined", s2.data.eval_split)
   autoencoded_dir = paths.join(workdir, "autoencoded", s2.data.eval_split)
@@ -99,11 +116,17 @@ def main(argv):
   trainable, frozen = out["state"]["params"], out["frozen"]
   shardings = (jax.tree.map(lambda x: x.sharding, trainable),
                jax.tree.map(lambda x: x.sharding, frozen))
+  maps = {}  # id -> (index, refined, coarse, label): the panels' input
   for out_dir, only_ae in ((refined_dir, False), (autoencoded_dir, True)):
     fn = refine_lib.make_refine_fn(ref, s2, mesh, *shardings, autoencode_only=only_ae)
-    for example_id, refined, _, _ in refine_lib.refine_dataset(
-        fn, trainable, frozen, refine_lib.eval_split_dataset(s2), s2, mesh):
+    results = refine_lib.refine_dataset(fn, trainable, frozen,
+                                        refine_lib.eval_split_dataset(s2), s2, mesh)
+    for index, (example_id, refined, coarse, label) in enumerate(progress.track(
+        results, "autoencode (control)" if only_ae else "refine", total=n_test, unit="map")):
       infer.write_png(paths.join(out_dir, f"{example_id}.png"), refined)
+      if not only_ae:
+        maps[example_id] = (index, refined, coarse, label)
+  stages.update()
   d = s2.diffusion
   _say(t0, f"refined test maps -> {refined_dir} ({d.num_inference_steps} DDIM steps at strength "
        f"{d.strength}, guidance {d.guidance_scale}); control without diffusion (coarse maps "
@@ -123,6 +146,13 @@ def main(argv):
   if jax.process_index() == 0:
     paths.write_json(paths.join(workdir, "report.json"), report)
   print(comparison_table(report))
+  panels_dir = paths.join(workdir, "panels")
+  if jax.process_index() == 0:
+    n = _write_panels(s1, s1.data.eval_split, maps, panels_dir, num_classes)
+    _say(t0, f"{n} panels (image | ground truth | coarse | refined | repaired green / damaged "
+         f"red) of the test images refinement changed most and of random ones -> {panels_dir}")
+  stages.update()
+  stages.close()
   _say(t0, f"report -> {paths.join(workdir, 'report.json')}")
 
 
@@ -156,6 +186,26 @@ def comparison_table(report) -> str:
                  f"{fmt(rep['iou_rtm'])}, IoU_RFm {fmt(rep['iou_rfm'])}, IoU_imp "
                  f"{fmt(rep['iou_imp'])}; images: {images}.")
   return "\n".join(lines)
+
+
+def _write_panels(cfg, split, maps, out_dir, num_classes) -> int:
+  """Panels (image | ground truth | coarse | refined | repaired/damaged) of the images
+  `visualize.select_panels` picks, as `<out_dir>/<rank>_<tag>_<id>.png`. `maps`: id -> (index
+  in the split, refined, coarse, label)."""
+  from idgbr_jax import paths, visualize  # pylint: disable=import-outside-toplevel
+  from idgbr_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  ds = pipeline.eval_dataset(cfg, split, num_classes, normalize=False)  # images as stored
+  picks = visualize.select_panels({k: int(np.sum(m[1] != m[2])) for k, m in maps.items()},
+                                  NUM_CHANGED_PANELS, NUM_RANDOM_PANELS)
+  for rank, (example_id, tag) in enumerate(picks):
+    index, refined, coarse, label = maps[example_id]
+    example = ds[index]
+    assert example["id"] == example_id, (example["id"], example_id)  # same split, same order
+    visualize.write_panel(paths.join(out_dir, f"{rank}_{tag}_{example_id}.png"),
+                          example["image"], label, coarse, refined, num_classes,
+                          ignore_label=cfg.data.ignore_index,
+                          scale=visualize.display_scale(label.shape[1]))
+  return len(picks)
 
 
 def _export_labels(cfg, split, out_dir):

@@ -481,11 +481,9 @@ def evaluate_dirs(pred_dir: str, label_dir: str, num_classes: int,
                        f"{', '.join(no_coarse[:5])})")
   iterator: Iterable[str] = stems
   if progress:
-    try:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      iterator = tqdm(stems, desc="evaluate", unit="map")
-    except ImportError:
-      pass
+    # Every long command reports the same way (ETA; process 0 only; plain lines in a log).
+    from idgbr_jax import progress as progress_lib  # pylint: disable=g-import-not-at-top
+    iterator = progress_lib.track(stems, "evaluate", unit="map")
   for stem in iterator:
     label = read_map(paths.join(label_dir, labels[stem]))
     pred = read_map(paths.join(pred_dir, preds[stem]))

@@ -248,3 +248,61 @@ def save_for_preemption(ckpt, step: int, state, config, saved: bool) -> int:
   ckpt.wait_until_finished()
   logging.warning(preemption.resume_message(step, ckpt.directory))
   return step
+
+
+# ----- what an evaluation leaves for a person and for a sweep ------------------------------------
+# The last step's evaluation report, `{"step": N, **report}`, as JSON in the workdir: what
+# `idgbr sweep` tabulates (its presence marks a finished run; idgbr_jax.sweep.FINAL_EVAL).
+FINAL_EVAL_FILE = "final_eval.json"
+
+
+def _plain(value):
+  """A report with NumPy / JAX scalars and arrays as JSON numbers and lists."""
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    return np.asarray(value).tolist()
+  return value
+
+
+def write_final_eval(workdir: str, step: int, report: dict) -> None:
+  """`<workdir>/final_eval.json` (process 0 only)."""
+  if jax.process_index() == 0:
+    paths.write_json(paths.join(workdir, FINAL_EVAL_FILE), {"step": step, **_plain(report)})
+
+
+def num_eval_panels(config: ml_collections.ConfigDict) -> int:
+  """`config.num_eval_panels`: pictures per evaluation (0: none). A config saved before the key
+  existed (a checkpoint's) has none."""
+  n = int(config.get("num_eval_panels", 0))
+  if n < 0:
+    raise ValueError(f"config.num_eval_panels={n} must be >= 0 (0 writes no pictures)")
+  return n
+
+
+def write_eval_panels(writer, workdir: str, step: int,
+                      panels: Sequence[tuple[str, np.ndarray]]) -> None:
+  """Panels (name, uint8 (H, W, 3)) of an evaluation as `<workdir>/panels/step_<step>/<name>.png`
+  and as one TensorBoard image summary `eval/panels` (a batch, so TensorBoard shows them side by
+  side at each step). Process 0 only: the others computed the same maps."""
+  if not panels or jax.process_index() != 0:
+    return
+  folder = paths.join(workdir, "panels", f"step_{step}")
+  for name, image in panels:
+    paths.write_png(paths.join(folder, f"{_file_name(name)}.png"), image)
+  writer.write_images(step, {"eval/panels": np.stack([image for _, image in panels])})
+
+
+def _file_name(name: str) -> str:
+  # Example ids are the datasets' (file stems, tile names): keep them readable, never a path.
+  return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name))
+
+
+def final_eval_missing(workdir: str, config: ml_collections.ConfigDict, start_step: int) -> bool:
+  """A run resumed at its last step without its final evaluation (stopped between the last
+  save and that evaluation, or trained before the report was written): the trainer runs it
+  now, as big_vision re-runs final evals after a late preemption."""
+  return (int(config.eval_every_steps) >= 0 and start_step >= config.num_train_steps
+          and not paths.exists(paths.join(workdir, FINAL_EVAL_FILE)))

@@ -7,6 +7,7 @@ coarse maps (fold models trained here) are at the bottom.
 """
 
 import copy
+import itertools
 from typing import Any
 
 import flax
@@ -17,7 +18,7 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 
-from idgbr_jax import checkpoints, paths
+from idgbr_jax import checkpoints, paths, visualize
 from idgbr_jax.assembly import stage1 as assembly
 from idgbr_jax.data import pipeline, sources
 from idgbr_jax.inference import stage1 as infer
@@ -163,6 +164,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_metrics, preempted_at = None, None
   last_eval: dict[str, Any] = {}
   last_saved = start_step or None
+
+  def evaluate(step: int, state) -> dict[str, Any]:
+    """The evaluation suite's scalars and the panels (pictures) at `step`; after the last step
+    also `<workdir>/final_eval.json`."""
+    variables = _variables(state)
+    report = infer.evaluate(predict_fn, variables, eval_ds, config, num_classes, mesh, rules)
+    writer.write_scalars(step, common.report_scalars(report, "eval"))
+    common.write_eval_panels(writer, workdir, step, eval_panels(
+        predict_fn, variables, eval_ds, config, num_classes, mesh, rules))
+    if step == config.num_train_steps:
+      common.write_final_eval(workdir, step, report)
+    return report
+
   # Trace under the mesh and the rules so the models' activation constraints take effect.
   with ckpt, metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), \
       nn.logical_axis_rules(rules), preemption.PreemptionGuard() as notice:
@@ -190,12 +204,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
       if common.is_eval_step(step, config):
         with report_progress.timed("eval"):
-          last_eval = infer.evaluate(predict_fn, _variables(state), eval_ds, config,
-                                     num_classes, mesh, rules)
-        writer.write_scalars(step, common.report_scalars(last_eval, "eval"))
+          last_eval = evaluate(step, state)
+    if common.final_eval_missing(workdir, config, start_step):
+      last_eval = evaluate(start_step, state)
     ckpt.wait_until_finished()
   return {"state": state, "eval": last_eval, "preempted_at": preempted_at,
           "checkpoint_dir": ckpt.directory, "skipped_steps": guard.skipped}
+
+
+def eval_panels(predict_fn, variables, eval_ds, config, num_classes: int, mesh, rules
+                ) -> list[tuple[str, Any]]:
+  """image | ground truth | prediction of the first `config.num_eval_panels` eval examples (the
+  same ones at every evaluation, so TensorBoard shows them change). Every process predicts
+  (the batch is global); `common.write_eval_panels` writes on process 0."""
+  n = min(common.num_eval_panels(config), len(eval_ds))
+  if not n:
+    return []
+  maps = itertools.islice(infer.predict_dataset(predict_fn, variables, eval_ds,
+                                                config.eval_batch_size, mesh, rules), n)
+  return [(f"{k:02d}_{example_id}",
+           visualize.label_panel(eval_ds[k]["image"], label, pred, num_classes,
+                                 scale=visualize.display_scale(label.shape[1])))
+          for k, (example_id, pred, label) in enumerate(maps)]
 
 
 # ----- cross-fitted coarse maps ----------------------------------------------------------------

@@ -14,7 +14,7 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 
-from idgbr_jax import checkpoints, diffusion, paths
+from idgbr_jax import checkpoints, diffusion, paths, visualize
 from idgbr_jax.assembly import stage2 as assembly
 from idgbr_jax.data import pipeline, sources, transforms
 from idgbr_jax.inference import refine
@@ -207,6 +207,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   guard = common.NonFiniteGuard(config, ckpt.directory)
   train_metrics, last_eval, preempted_at = None, {}, None
   last_saved = start_step or None
+  panel_fn = {}  # the panels' refine function, built (compiled) at the first evaluation
+
+  def evaluate(step: int, params) -> dict[str, Any]:
+    """Refined and coarse reports' scalars and the panels (pictures) at `step`; after the last
+    step also `<workdir>/final_eval.json`."""
+    report = refine.evaluate(ref, params, frozen, config, mesh)
+    writer.write_scalars(step, common.report_scalars(report, "eval"))
+    if common.num_eval_panels(config):
+      if "fn" not in panel_fn:
+        panel_fn["fn"] = refine.make_refine_fn(ref, config, mesh,
+                                               jax.tree.map(lambda x: x.sharding, params),
+                                               jax.tree.map(lambda x: x.sharding, frozen))
+      common.write_eval_panels(writer, workdir, step,
+                               eval_panels(panel_fn["fn"], params, frozen, config, mesh))
+    if step == config.num_train_steps:
+      common.write_final_eval(workdir, step, report)
+    return report
+
   # Trace under the mesh and the rules so the models' activation constraints take effect.
   with ckpt, metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), \
       nn.logical_axis_rules(rules), preemption.PreemptionGuard() as notice:
@@ -234,9 +252,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
       if common.is_eval_step(step, config):
         with report_progress.timed("eval"):
-          last_eval = refine.evaluate(ref, state["params"], frozen, config, mesh)
-        writer.write_scalars(step, common.report_scalars(last_eval, "eval"))
+          last_eval = evaluate(step, state["params"])
+    if common.final_eval_missing(workdir, config, start_step):
+      last_eval = evaluate(start_step, state["params"])
     ckpt.wait_until_finished()
   return {"state": state, "frozen": frozen, "refiner": ref, "eval": last_eval, "mesh": mesh,
           "preempted_at": preempted_at, "checkpoint_dir": ckpt.directory,
           "skipped_steps": guard.skipped}
+
+
+def eval_panels(refine_fn, trainable, frozen, config, mesh) -> list[tuple[str, Any]]:
+  """image | ground truth | coarse | refined | repaired/damaged of the first
+  `config.num_eval_panels` eval examples (the same ones at every evaluation, with the
+  evaluation's per-batch noise). Every process refines (the batch is global);
+  `common.write_eval_panels` writes on process 0."""
+  n = common.num_eval_panels(config)
+  if n:
+    n = min(n, len(refine.eval_split_dataset(config)))
+  if not n:
+    return []
+  ds = refine.eval_split_dataset(config, max_examples=n)
+  num_classes = sources.num_classes(config.data)
+  return [(f"{k:02d}_{example_id}",
+           visualize.panel(ds[k]["image"], label, coarse, refined, num_classes,
+                           ignore_label=config.data.ignore_index,
+                           scale=visualize.display_scale(label.shape[1])))
+          for k, (example_id, refined, coarse, label) in enumerate(
+              refine.refine_dataset(refine_fn, trainable, frozen, ds, config, mesh))]
