@@ -22,10 +22,11 @@ from typing import Any, Callable
 
 COMMANDS = {
     "train": ("idgbr_jax.commands.train", "train a Stage I segmenter or a Stage II refiner"),
-    "predict": ("idgbr_jax.commands.predict", "write Stage I coarse maps (index PNGs) for splits"),
+    "predict": ("idgbr_jax.commands.predict", "Stage I coarse maps of splits or any-size images"),
     "evaluate": ("idgbr_jax.commands.evaluate", "region + boundary metrics of maps against labels"),
     "refine": ("idgbr_jax.commands.refine", "refine coarse maps with a trained Stage II model"),
     "demo": ("idgbr_jax.commands.demo", "the whole method on the embedded synthetic dataset"),
+    "sweep": ("idgbr_jax.commands.sweep", "train the product of config alternatives, tabulate"),
     "convert": ("idgbr_jax.commands.convert", "import diffusers / DINOv2 / IDGBR / CLIP weights"),
     "export": ("idgbr_jax.commands.export", "write weights as diffusers or original IDGBR files"),
     "plan": ("idgbr_jax.commands.plan", "memory and FLOPs per chip of a config, compiled for a TPU"),
