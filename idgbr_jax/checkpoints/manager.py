@@ -134,7 +134,11 @@ class Checkpointer:
     _warn_incomplete(self.directory, self._incomplete, temporary, moved)
     self._temporary = temporary
     self._pending_step: int | None = None
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    # Async (orbax's default, stated here because the trainers rely on it): a save copies the
+    # arrays to host memory and writes them in a background thread while training goes on;
+    # `save` finishes the previous write first, and `wait_until_finished` ends the run.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                           enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
