@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/idgbr_package_stage2.py"
 BF16 = ["--config.model.dtype=bfloat16"]
 REMAT = ["--config.model.remat=True"]
-FROZEN16 = ["--frozen_dtype=bfloat16"]
+FROZEN16 = ["--config.model.frozen_dtype=bfloat16"]
 
 # name -> (program, mesh, batch per chip, extra flags); the mesh names sizes for 8 devices and
 # is scaled to the topology's device count.

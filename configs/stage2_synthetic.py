@@ -61,6 +61,10 @@ def get_config(arg=None):
   config.model.teacher = "tiny"            # DINOv2 variant, or "" for none
   config.model.context_length = 1          # 77 for real CLIP states
   config.model.dtype = "float32"
+  # ours: bfloat16 stores the frozen weights (VAE, label embedding, unet_ori, teacher) in bf16,
+  # half their memory; layers still compute in model.dtype (the weights are rounded, the
+  # numbers move by bf16 rounding). Export writes them as read.
+  config.model.frozen_dtype = "float32"
   config.model.remat = False
 
   config.init = ml_collections.ConfigDict()  # params checkpoints (idgbr_jax.checkpoints.params)
@@ -100,6 +104,9 @@ def get_config(arg=None):
   config.repa.enabled = arg.ablation != "no_align"
   config.repa.weight = 0.5
   config.repa.active_steps = 200
+  # After active_steps the trainer switches to a step compiled without the teacher and frees it
+  # (the original deletes DINOv2 after acc_steps); False keeps the one warm-up program.
+  config.repa.drop_teacher = True
   config.repa.projector_hidden = 2048
 
   config.optim = ml_collections.ConfigDict()

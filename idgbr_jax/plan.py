@@ -6,11 +6,11 @@ their `NamedSharding`s, and each program is `jax.jit(...).lower(...).compile()`d
 functions the trainers and `idgbr refine` jit:
 
 * `stage1`: Stage I's train step (`train.stage1.make_train_step`), state donated;
-* `stage2`: Stage II's train step (`train.stage2.make_train_step`) as the trainer compiles it
-  today, one program for the whole run, the DINOv2 teacher among the frozen arguments;
-* `stage2_after_warmup`: the same step without the teacher and without the REPA branch, the
-  second program a trainer would switch to after `repa.active_steps` (what the original does
-  by deleting DINOv2); the trainable tree keeps the projector, so checkpoints are unchanged;
+* `stage2`: Stage II's train step (`train.stage2.make_train_step`) for the REPA warm-up, the
+  DINOv2 teacher among the frozen arguments (a config without a teacher has only this one);
+* `stage2_after_warmup`: the step the trainer switches to after `repa.active_steps`
+  (`with_teacher=False`: no teacher, no REPA branch; `repa.drop_teacher`, as the original
+  deletes DINOv2); the trainable tree keeps the projector, so checkpoints are unchanged;
 * `refine`: `inference.refine.make_refine_fn` (DDIM scan + Control-CFG), no projector, no
   teacher, as `idgbr refine` loads a run.
 
@@ -234,6 +234,13 @@ def batch_shards(mesh_shape: dict[str, int], rules) -> int:
 
 
 # ----- programs of a config ----------------------------------------------------------------------
+def _drops_teacher(config: ml_collections.ConfigDict) -> bool:
+  """Whether a Stage II config's trainer switches to the step without the teacher (as
+  `train.stage2.drops_teacher`, from the config alone)."""
+  return bool(config.model.get("teacher") and config.repa.enabled and
+              int(config.repa.active_steps) > 0 and config.repa.get("drop_teacher", True))
+
+
 def programs_of(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
   """{program: the (sub)config it is built from}: a Stage I or Stage II config (`config.stage`,
   as `idgbr train` decides), or the demo's config holding both (`config.stage1/stage2`)."""
@@ -309,6 +316,15 @@ def _cast_floats(tree, dtype):
       return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
     return x
   return jax.tree.map(one, tree)
+
+
+def _frozen_in(config, frozen):
+  """The frozen tree as the trainer and `idgbr refine` hold it: its weights in
+  `config.model.frozen_dtype` (`assembly.stage2.cast_frozen`)."""
+  from idgbr_jax.assembly import stage2 as assembly  # pylint: disable=import-outside-toplevel
+  dtype = assembly.frozen_dtype(config)
+  return {k: _cast_floats(v, dtype) if k in assembly.FROZEN_WEIGHTS else v
+          for k, v in frozen.items()}
 
 
 def _batch(mesh, rules, shapes: dict[str, tuple[tuple[int, ...], Any]]):
@@ -389,26 +405,15 @@ def _stage2_trees(config, mesh, rules, *, with_teacher: bool, with_projector: bo
   return ref, (trainable, trainable_sh), (frozen, f_sh)
 
 
-def _frozen_in(frozen, frozen_dtype):
-  """The frozen tree as the step receives it: float32, or `--frozen_dtype` (a what-if)."""
-  return frozen if frozen_dtype is None else _cast_floats(frozen, frozen_dtype)
-
-
-def stage2_program(config, mesh, rules, batch: int, *, after_warmup: bool = False,
-                   frozen_dtype=None):
-  """(jitted step, abstract args) of Stage II's train step; `after_warmup`: no teacher, no
-  REPA branch (the projector stays in the state)."""
+def stage2_program(config, mesh, rules, batch: int, *, after_warmup: bool = False):
+  """(jitted step, abstract args) of Stage II's train step; `after_warmup`: the trainer's
+  step without the teacher (no REPA branch; the projector stays in the state)."""
   from idgbr_jax.assembly import stage2 as assembly  # pylint: disable=import-outside-toplevel
   from idgbr_jax.train import optim, stage2  # pylint: disable=import-outside-toplevel
   tx, lr_schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   ref, (state, state_sh), (frozen, f_sh) = _stage2_trees(
       config, mesh, rules, with_teacher=not after_warmup, with_projector=True, with_opt=True,
       tx=tx)
-  step_config = config
-  if after_warmup:
-    step_config = copy.deepcopy(config)
-    with step_config.unlocked():
-      step_config.repa.active_steps = 0
   size = config.data.crop_size or config.data.image_size
   shapes = {"image": ((batch, size, size, 3), jnp.float32),
             "label": ((batch, size, size), jnp.int32),
@@ -422,15 +427,17 @@ def stage2_program(config, mesh, rules, batch: int, *, after_warmup: bool = Fals
                                 jnp.float32)
   batch_arrays, _ = _batch(mesh, rules, shapes)
   repl = sharding.replicated(mesh)
+  # keep_unused: the step never reads some frozen weights (the VAE decoder), which jit would
+  # drop from the compiled program's arguments; the trainer holds them on the chip all the same.
   step = jax.jit(stage2.make_train_step(ref, tx, lr_schedule, assembly.make_schedule(config),
-                                        step_config),
+                                        config, with_teacher=not after_warmup),
                  in_shardings=(state_sh, f_sh, stage2.batch_shardings(mesh, rules, cached_keys),
                                repl),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,))
-  return step, (state, _frozen_in(frozen, frozen_dtype), batch_arrays, _rng(mesh))
+                 out_shardings=(state_sh, repl), donate_argnums=(0,), keep_unused=True)
+  return step, (state, _frozen_in(config, frozen), batch_arrays, _rng(mesh))
 
 
-def refine_program(config, mesh, rules, batch: int, *, frozen_dtype=None):
+def refine_program(config, mesh, rules, batch: int):
   """(jitted refine function, abstract args, denoiser-call program), as `idgbr refine` loads a
   run (params only). The third item is (jitted, args, calls): one guided denoiser call of the
   sampling loop and how many the loop makes (XLA's cost analysis counts a loop body once)."""
@@ -438,7 +445,7 @@ def refine_program(config, mesh, rules, batch: int, *, frozen_dtype=None):
   from idgbr_jax.inference import refine  # pylint: disable=import-outside-toplevel
   ref, (trainable, t_sh), (frozen, f_sh) = _stage2_trees(
       config, mesh, rules, with_teacher=False, with_projector=False, with_opt=False)
-  frozen = _frozen_in(frozen, frozen_dtype)
+  frozen = _frozen_in(config, frozen)
   size = config.data.image_size
   arrays, _ = _batch(mesh, rules, {"image": ((batch, size, size, 3), jnp.float32),
                                    "coarse": ((batch, size, size), jnp.int32)})
@@ -512,8 +519,7 @@ def default_batch(config, program: str, shards: int) -> tuple[int, str]:
 
 def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, int] | None = None,
          batch_per_chip: int | None = None, programs: Sequence[str] | None = None,
-         frozen_dtype: str | None = None, log: Callable[[str], None] | None = None
-         ) -> tuple[list[Record], list[str]]:
+         log: Callable[[str], None] | None = None) -> tuple[list[Record], list[str]]:
   """Compiles the config's programs for `target`; returns (records, notes on skipped ones)."""
   log = log or (lambda _: None)
   available = programs_of(config)
@@ -523,10 +529,6 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
     raise ValueError(f"--programs: unknown {unknown}; allowed: {list(PROGRAMS)}")
   if batch_per_chip is not None and batch_per_chip < 1:
     raise ValueError(f"--batch_per_chip={batch_per_chip} must be >= 1")
-  f_dtype = None
-  if frozen_dtype:
-    from idgbr_jax.assembly import common  # pylint: disable=import-outside-toplevel
-    f_dtype = common.dtype_from_name(frozen_dtype)
   records, notes = [], []
   for program in wanted:
     if program not in available:
@@ -534,10 +536,9 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
                    f"{', '.join(available)})")
       continue
     cfg = available[program]
-    if program == "stage2_after_warmup" and not (cfg.model.get("teacher") and
-                                                 cfg.repa.enabled):
-      notes.append("stage2_after_warmup: skipped, the config has no teacher (stage2 is already "
-                   "the step without one)")
+    if program == "stage2_after_warmup" and not _drops_teacher(cfg):
+      notes.append("stage2_after_warmup: skipped, the config has no teacher or keeps it "
+                   "(repa.drop_teacher=False): stage2 is its only step")
       continue
     rules = tuple(cfg.sharding_rules)
     shape = mesh_shape_for(cfg, mesh, len(target.devices))
@@ -554,11 +555,10 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
     if program == "stage1":
       fn, args = stage1_program(cfg, the_mesh, rules, batch)
     elif program == "refine":
-      fn, args, loop = refine_program(cfg, the_mesh, rules, batch, frozen_dtype=f_dtype)
+      fn, args, loop = refine_program(cfg, the_mesh, rules, batch)
     else:
       fn, args = stage2_program(cfg, the_mesh, rules, batch,
-                                after_warmup=program == "stage2_after_warmup",
-                                frozen_dtype=f_dtype)
+                                after_warmup=program == "stage2_after_warmup")
     compiled, oom = compile_program(fn, args, the_mesh, rules, target.platform)
     memory = compiled.memory_analysis()
     peak = peak_bytes(memory)
@@ -569,8 +569,8 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
       note = "; ".join(filter(None, [note, f"compiler: {oom}"]))
     options = {"model.dtype": str(cfg.model.get("dtype", "float32")),
                "model.remat": bool(cfg.model.get("remat", False))}
-    if frozen_dtype and program != "stage1":
-      options["frozen_dtype"] = frozen_dtype
+    if program != "stage1":
+      options["model.frozen_dtype"] = str(cfg.model.get("frozen_dtype", "float32"))
     flops = flops_of(compiled)
     if loop is not None and loop[2] > 1:
       # XLA counts the sampling loop's body once: add the other calls of the denoiser.

@@ -145,6 +145,128 @@ def test_sharded_step_equals_single_device():
 
 
 @pytest.mark.slow
+def test_step_without_teacher_is_the_warmup_step_after_the_warmup(single):
+  """After `repa.active_steps` the trainer runs a second program, compiled without the teacher
+  and its REPA branch, on the frozen tree without the teacher. Past the warm-up it is the
+  warm-up program's step: loss, gradient and update agree to float32 rounding and both report
+  repa 0. Inside the warm-up the REPA term is on, so the switch must not come earlier."""
+  ref, mesh, state, frozen, _ = single
+  config = small_config()
+  lr = optim.learning_rate_schedule(config.optim, config.num_train_steps)
+  tx = numerics.sgd_keeping_gradients(lr)  # Adam would amplify rounding (tests/numerics.py)
+  params = jax.device_get(state["params"])
+  # Non-zero CG residuals: the student has a direction, so REPA is non-zero in the warm-up.
+  params["guidance"] = jax.tree.map(lambda x: x + 0.05, params["guidance"])
+  without = {k: v for k, v in frozen.items() if k != "teacher"}
+  assert "teacher" in frozen
+  schedule = assembly.make_schedule(config)
+  warmup_step, after_step = (
+      jax.jit(stage2.make_train_step(ref, tx, lr, schedule, config, with_teacher=w))
+      for w in (True, False))
+  batch = pipeline.to_global(fixed_batch(), mesh)
+  rng = jax.random.key(7)
+
+  def run(step_fn, fr, at):
+    s = jax.device_put({"params": params, "opt_state": tx.init(params), "step": np.int32(at)},
+                       sharding.replicated(mesh))
+    out, m = step_fn(s, fr, batch, rng)
+    return out, m.compute()
+
+  first_after = config.repa.active_steps  # the state's step counter: steps already taken
+  s_w, m_w = run(warmup_step, frozen, first_after)
+  s_a, m_a = run(after_step, without, first_after)
+  assert float(m_w["repa"]) == float(m_a["repa"]) == 0.0
+  numerics.assert_close_up_to_rounding(float(m_a["loss"]), float(m_w["loss"]), n_terms=N_TERMS,
+                                       err_msg="loss")
+  numerics.assert_close_up_to_rounding(numerics.last_gradient(jax.device_get(s_a["opt_state"])),
+                                       numerics.last_gradient(jax.device_get(s_w["opt_state"])),
+                                       n_terms=N_TERMS, err_msg="gradient")
+  numerics.assert_close_up_to_rounding(numerics.updates(s_a["params"], params),
+                                       numerics.updates(s_w["params"], params), n_terms=N_TERMS,
+                                       extra_atol=numerics.ulps(params), err_msg="update")
+  _, m_in = run(warmup_step, frozen, first_after - 1)
+  assert abs(float(m_in["repa"])) > 1e-3  # the last warm-up step still has its REPA term
+
+
+@pytest.mark.slow
+def test_trainer_drops_the_teacher_after_the_warmup(tmp_path, monkeypatch):
+  """The trainer compiles the step without the teacher only when the warm-up ends, frees the
+  teacher then, and a run resumed after the warm-up never builds it. `repa.drop_teacher=False`
+  keeps the one warm-up program (and the teacher) for the whole run."""
+  config = small_config()
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.coarse_dir = str(tmp_path / "coarse")
+  _write_split(config, "train", config.data.coarse_dir, lambda l: np.roll(l, 1, axis=0))
+  config.num_train_steps = 3  # repa.active_steps = 2 (runlocal)
+  config.checkpoint_every_steps = 3
+  config.eval_every_steps = -1
+  config.num_eval_panels = 0
+  programs, frozen_built = [], []
+  real_step, real_frozen = stage2.make_train_step, assembly.init_frozen
+
+  def step_spy(*args, with_teacher=True, **kw):
+    programs.append(with_teacher)
+    return real_step(*args, with_teacher=with_teacher, **kw)
+
+  def frozen_spy(*args, with_teacher=True, **kw):
+    frozen_built.append(with_teacher)
+    return real_frozen(*args, with_teacher=with_teacher, **kw)
+  monkeypatch.setattr(stage2, "make_train_step", step_spy)
+  monkeypatch.setattr(assembly, "init_frozen", frozen_spy)
+
+  out = stage2.train_and_evaluate(copy.deepcopy(config), str(tmp_path / "run"))
+  assert int(out["state"]["step"]) == 3
+  assert programs == [True, False] and frozen_built == [True]
+  assert "teacher" not in out["frozen"]
+  # Resumed after the warm-up: no teacher is loaded, only the second program is built.
+  programs.clear()
+  frozen_built.clear()
+  config.num_train_steps = 4
+  out = stage2.train_and_evaluate(copy.deepcopy(config), str(tmp_path / "run"))
+  assert int(out["state"]["step"]) == 4
+  assert programs == [False] and frozen_built == [False]
+  # Opting out: one program, the teacher kept.
+  programs.clear()
+  frozen_built.clear()
+  config.repa.drop_teacher = False
+  config.num_train_steps = 3
+  out = stage2.train_and_evaluate(copy.deepcopy(config), str(tmp_path / "keep"))
+  assert programs == [True] and frozen_built == [True] and "teacher" in out["frozen"]
+
+
+@pytest.mark.slow
+def test_frozen_weights_in_bfloat16(single):
+  """`model.frozen_dtype=bfloat16` stores the frozen weights (not the text context) in bf16:
+  the float32 values rounded. Layers compute in float32 from them, so the step's loss moves by
+  the weights' rounding only; `full_precision` (export) keeps them as read."""
+  ref, mesh, state, frozen, step = single
+  config = small_config()
+  config.model.frozen_dtype = "bfloat16"
+  rules = tuple(config.sharding_rules)
+  f_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  bf16 = assembly.cast_frozen(jax.tree.map(jnp.copy, frozen), f_sh, jnp.bfloat16)
+  for k in assembly.FROZEN_WEIGHTS:
+    for got, want in zip(jax.tree.leaves(bf16[k]), jax.tree.leaves(frozen[k])):
+      assert got.dtype == jnp.bfloat16 and got.sharding == want.sharding
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(jnp.bfloat16))
+  assert bf16["context"].dtype == jnp.float32
+  # The trainer's own path: init_frozen applies the config's dtype, unless full_precision.
+  built, _ = assembly.init_frozen(ref, config, mesh, rules)
+  assert {x.dtype for x in jax.tree.leaves(built["vae"])} == {jnp.dtype(jnp.bfloat16)}
+  kept, _ = assembly.init_frozen(ref, config, mesh, rules, full_precision=True)
+  assert {x.dtype for x in jax.tree.leaves(kept["vae"])} == {jnp.dtype(jnp.float32)}
+
+  batch = pipeline.to_global(fixed_batch(), mesh)
+  state0 = {**state, "step": jnp.zeros((), jnp.int32)}
+  rng = jax.random.key(9)
+  loss32 = float(step(state0, frozen, batch, rng)[1].compute()["loss"])
+  loss16 = float(step(state0, bf16, batch, rng)[1].compute()["loss"])
+  # bf16 keeps 8 significant bits (relative rounding <= 2**-9 per weight): the loss moves, by
+  # far less than training changes it (test_train_step_lowers_loss...: > 20 %).
+  assert loss16 != loss32 and abs(loss16 - loss32) <= 0.02 * loss32, (loss16, loss32)
+
+
+@pytest.mark.slow
 def test_cfg_batch_gives_conditional_and_zero_residual_branches(single):
   ref, mesh, state, frozen, _ = single
   params = jax.device_get(state["params"])

@@ -441,16 +441,41 @@ def _load_or_init_autoencoder(ref: refiner.Refiner, config: ml_collections.Confi
   return params, shardings
 
 
+# The frozen tree's weights (not the text context, an input) that `config.model.frozen_dtype`
+# stores in a narrower dtype.
+FROZEN_WEIGHTS = ("vae", "label_embed", "unet_ori", "teacher")
+
+
+def frozen_dtype(config: ml_collections.ConfigDict):
+  """`config.model.frozen_dtype` (ours; float32 when the key is absent, as in older runs)."""
+  return common.dtype_from_name(config.model.get("frozen_dtype", "float32"))
+
+
+def cast_frozen(frozen: Params, shardings: Any, dtype) -> Params:
+  """`frozen` with the floating weights of `FROZEN_WEIGHTS` in `dtype`, same shardings; the
+  float32 arrays are donated (freed). Computation still runs in the model's dtype: a layer
+  promotes bf16 weights against its float32 activations, so only the weights are rounded."""
+  parts_ = {k: v for k, v in frozen.items() if k in FROZEN_WEIGHTS}
+  if dtype == jnp.float32 or not parts_:
+    return frozen
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+  out = jax.jit(lambda t: jax.tree.map(cast, t), donate_argnums=0,
+                out_shardings={k: shardings[k] for k in parts_})(parts_)
+  return {**frozen, **out}
+
+
 def init_frozen(ref: refiner.Refiner, config: ml_collections.ConfigDict, mesh, rules, *,
-                unet_ori: tuple[Params, Any] | None = None, with_teacher: bool = True
-                ) -> tuple[Params, Any]:
+                unet_ori: tuple[Params, Any] | None = None, with_teacher: bool = True,
+                full_precision: bool = False) -> tuple[Params, Any]:
   """Frozen params {vae, label_embed, unet_ori, context[, teacher]} and their shardings.
 
   `unet_ori` is (params, shardings) of the encoder half of the initial denoiser (a trainer
-  passes a copy of its freshly initialised state's); None computes it (`initial_unet_encoder`).
-  Under `config.init.refiner` it is always the imported refiner's `unet_ori`, whatever is
-  passed: a state initialised from the import holds the *trained* unet, whose encoder is not
-  unet_ori. The teacher is only built with `with_teacher` and a config that has one.
+  passes a copy of its freshly initialised state's: it is donated when cast); None computes it
+  (`initial_unet_encoder`). Under `config.init.refiner` it is always the imported refiner's
+  `unet_ori`, whatever is passed: a state initialised from the import holds the *trained* unet,
+  whose encoder is not unet_ori. The teacher is only built with `with_teacher` and a config
+  that has one. The weights are stored in `config.model.frozen_dtype` unless `full_precision`
+  (export writes them as read).
   """
   if unet_ori is None or _refiner_dir(config):
     unet_ori = initial_unet_encoder(ref, config, mesh, rules)
@@ -484,6 +509,8 @@ def init_frozen(ref: refiner.Refiner, config: ml_collections.ConfigDict, mesh, r
   # equality check (a collective, for a value read from the same file on every host).
   ctx = np.asarray(ctx, np.float32)
   frozen["context"] = jax.make_array_from_callback(ctx.shape, f_sh["context"], lambda i: ctx[i])
+  if not full_precision:
+    frozen = cast_frozen(frozen, f_sh, frozen_dtype(config))
   return frozen, f_sh
 
 
@@ -497,17 +524,19 @@ class LoadedRefiner(NamedTuple):
 
 
 def load_refiner(workdir: str, config: ml_collections.ConfigDict | None = None, *,
-                 with_projector: bool = False, step: int | None = None) -> LoadedRefiner:
+                 with_projector: bool = False, step: int | None = None,
+                 full_precision: bool = False) -> LoadedRefiner:
   """A trained refiner from `<workdir>/checkpoints`, or an imported refiner folder (`idgbr
   convert --from=idgbr`, see the module doc), params only.
 
   The trainable params are restored into abstract targets (no random init, no optimizer
   state); the frozen parts are re-read from the paths recorded in the run's config, without the
   teacher. `with_projector` also restores the REPA projector (export to the original's layout).
-  An imported folder refines under `imported_refiner_config` (unless `config` is given).
+  An imported folder refines under `imported_refiner_config` (unless `config` is given). The
+  frozen weights are in `config.model.frozen_dtype`, as in training, unless `full_precision`.
   """
   if is_imported_refiner(workdir):
-    return _load_imported(str(workdir), config, with_projector)
+    return _load_imported(str(workdir), config, with_projector, full_precision)
   ckpt_dir = paths.join(workdir, "checkpoints")
   config = config or load_config(workdir, step)
   mesh = sharding.mesh_from_config(config)
@@ -524,7 +553,8 @@ def load_refiner(workdir: str, config: ml_collections.ConfigDict | None = None, 
                                      shardings={"params": shardings})["params"]
   finally:
     ckpt.close()
-  frozen, _ = init_frozen(ref, config, mesh, rules, with_teacher=False)
+  frozen, _ = init_frozen(ref, config, mesh, rules, with_teacher=False,
+                          full_precision=full_precision)
   return LoadedRefiner(ref, trainable, frozen, config, mesh)
 
 
@@ -536,7 +566,8 @@ def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
   return checkpoints.load_config(paths.join(workdir, "checkpoints"), step)
 
 
-def _load_imported(directory: str, config, with_projector: bool) -> LoadedRefiner:
+def _load_imported(directory: str, config, with_projector: bool, full_precision: bool
+                   ) -> LoadedRefiner:
   config = config or imported_refiner_config(directory)
   mesh = sharding.mesh_from_config(config)
   rules = tuple(config.sharding_rules)
@@ -550,7 +581,8 @@ def _load_imported(directory: str, config, with_projector: bool) -> LoadedRefine
   trainable = load_initial_trainable(config, abstract, shardings)
   if with_projector and "projector" not in trainable and _has_params(projector_dir):
     trainable["projector"] = params_ckpt.load_params(projector_dir)  # no teacher: as stored
-  frozen, _ = init_frozen(ref, config, mesh, rules, with_teacher=False)
+  frozen, _ = init_frozen(ref, config, mesh, rules, with_teacher=False,
+                          full_precision=full_precision)
   return LoadedRefiner(ref, trainable, frozen, config, mesh)
 
 

@@ -1,6 +1,6 @@
 """idgbr plan --config=configs/<experiment>.py[:arg] [--topology=v5e:2x4] [--mesh=data=..,fsdp=..]
            [--batch_per_chip=N] [--programs=stage1,stage2,stage2_after_warmup,refine]
-           [--frozen_dtype=bfloat16] [--parts=autoencoder=sd15] [--output=plan.json]
+           [--parts=autoencoder=sd15] [--output=plan.json] [--config.model.frozen_dtype=bfloat16]
 
 Compiles the config's train steps and refine function for a device topology without running
 them (no accelerator, no weights) and prints, per program, the bytes per chip (arguments,
@@ -26,9 +26,6 @@ _BATCH = flags.DEFINE_integer("batch_per_chip", None, "Images per batch shard (d
                               "config's batch_size / eval_batch_size over the batch shards).")
 _PROGRAMS = flags.DEFINE_list("programs", None, "Programs to compile (default: all of the "
                               "config's): stage1, stage2, stage2_after_warmup, refine.")
-_FROZEN_DTYPE = flags.DEFINE_enum("frozen_dtype", None, ["float32", "bfloat16", "float16"],
-                                  "Plan Stage II's frozen weights stored in this dtype (what-if: "
-                                  "the trainer keeps them as float32 today).")
 _PARTS = flags.DEFINE_string("parts", None, "Part variants for init.* checkpoints the config "
                              "leaves unset, e.g. autoencoder=sd15 (SD-1.5's VAE).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the records as JSON here.")
@@ -44,7 +41,7 @@ def main(argv):
   target = plan.make_target(_TOPOLOGY.value)
   config = plan.with_parts(_CONFIG.value, parts)
   records, notes = plan.plan(config, target, mesh=mesh, batch_per_chip=_BATCH.value,
-                             programs=_PROGRAMS.value, frozen_dtype=_FROZEN_DTYPE.value,
+                             programs=_PROGRAMS.value,
                              log=lambda s: print(s, file=sys.stderr, flush=True))
   print(plan.format_table(records, notes), flush=True)
   if _OUTPUT.value:

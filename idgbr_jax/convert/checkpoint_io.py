@@ -251,8 +251,10 @@ def _export_stage2(workdir: str, to: str, dst: str, allow_unloadable: bool,
     cfg = stage2.build_refiner(config).config
     _check_loadable(workdir, idgbr.original_load_problems(cfg.guidance, cfg.label_embed),
                     allow_unloadable, warn)
+  # Frozen parts as read (float32), whatever the run's model.frozen_dtype.
   ref, trainable, frozen, config, mesh = stage2.load_refiner(workdir, config,
-                                                             with_projector=to == "idgbr")
+                                                             with_projector=to == "idgbr",
+                                                             full_precision=True)
   host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))  # noqa: E731
   cfg = ref.config
   if to == "diffusers":

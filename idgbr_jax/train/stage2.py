@@ -53,29 +53,60 @@ def init_state(ref: refiner.Refiner, tx, config: ml_collections.ConfigDict, mesh
 
 
 def init_frozen(ref: refiner.Refiner, config: ml_collections.ConfigDict, state, state_sh, mesh,
-                rules):
-  """The frozen tree for training (with the teacher); `unet_ori` is a copy of the encoder half
-  of the freshly initialised `state` (call this before restoring a checkpoint)."""
+                rules, *, with_teacher: bool = True):
+  """The frozen tree for training (with the teacher unless `with_teacher=False`, e.g. a run
+  resumed after the warm-up); `unet_ori` is a copy of the encoder half of the freshly
+  initialised `state` (call this before restoring a checkpoint)."""
   # A copy, not an alias: the trainable UNet buffers are donated to the train step.
   unet_ori = (jax.tree.map(jnp.copy, denoiser.encoder_params(state["params"]["unet"])),
               denoiser.encoder_params(state_sh["params"]["unet"]))
-  return assembly.init_frozen(ref, config, mesh, rules, unet_ori=unet_ori)
+  return assembly.init_frozen(ref, config, mesh, rules, unet_ori=unet_ori,
+                              with_teacher=with_teacher)
+
+
+def teacher_steps(ref: refiner.Refiner, config: ml_collections.ConfigDict) -> int:
+  """How many steps (from the start) the train step needs the DINOv2 teacher: REPA's warm-up,
+  `repa.active_steps`, when the refiner has a teacher and REPA is on; else 0."""
+  if ref.teacher is None or not config.repa.enabled:
+    return 0
+  return max(int(config.repa.active_steps), 0)
+
+
+def drops_teacher(ref: refiner.Refiner, config: ml_collections.ConfigDict) -> bool:
+  """Whether the trainer switches to the step without the teacher after the warm-up
+  (`repa.drop_teacher`, default true; ours: the original deletes DINOv2 after `acc_steps`)."""
+  return teacher_steps(ref, config) > 0 and bool(config.repa.get("drop_teacher", True))
+
+
+def drop_teacher(frozen, f_sh):
+  """(frozen, shardings) without the teacher; its device buffers are freed now."""
+  frozen, f_sh = dict(frozen), dict(f_sh)
+  teacher = frozen.pop("teacher", None)
+  f_sh.pop("teacher", None)
+  if teacher is not None:
+    jax.tree.map(lambda x: x.delete(), teacher)
+  return frozen, f_sh
 
 
 # ----- train step --------------------------------------------------------------------------------
-def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config):
+def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config, *,
+                    with_teacher: bool = True):
   """(state, frozen, batch, rng) -> (state, TrainMetrics).
 
-  The REPA term sits behind `lax.cond(step < repa.active_steps)`: one compiled program, and
-  after the warm-up the teacher branch is not executed (no teacher FLOPs), as in the original,
-  which deletes DINOv2 after `acc_steps`.
+  Two programs. With the teacher (the warm-up), the REPA term sits behind
+  `lax.cond(step < repa.active_steps)`, so the program is right at any step. `with_teacher=
+  False` is the step after the warm-up: no REPA branch and no teacher among the frozen
+  arguments (its `repa` metric is 0, as the first program's after the warm-up). The trainer
+  switches to it after `repa.active_steps` and frees the teacher (`drops_teacher`), as the
+  original deletes DINOv2 after `acc_steps`: 1.1 B parameters (DINOv2-g) off every chip for
+  the rest of the run.
 
   A step whose loss or gradient is not finite leaves params and optimizer state as they were
   (the step counter moves on) and counts in `TrainMetrics.skipped_steps`; the host decides to
   stop or go on (`common.NonFiniteGuard`).
   """
   d = config.diffusion
-  use_repa = ref.teacher is not None and config.repa.enabled and config.repa.active_steps > 0
+  use_repa = with_teacher and teacher_steps(ref, config) > 0
 
   def train_step(state, frozen, batch, rng):
     step = state["step"]
@@ -173,7 +204,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----- Params & optimizer --------------------------------------------------------------------
   tx, lr_schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   state, state_sh = init_state(ref, tx, config, mesh, rules)
-  frozen, f_sh = init_frozen(ref, config, state, state_sh, mesh, rules)
+  # The teacher is needed for steps 1..teacher_steps (REPA's warm-up); a run resumed after it
+  # never loads it when the trainer drops it.
+  warmup = teacher_steps(ref, config)
+  dropping = drops_teacher(ref, config)
+  frozen, f_sh = init_frozen(ref, config, state, state_sh, mesh, rules,
+                             with_teacher=not (dropping and start_step >= warmup))
   logging.info("stage II trainable %d, frozen %d parameters",
                common.count_params(state["params"]), common.count_params(frozen))
 
@@ -189,10 +225,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----- Train steps ---------------------------------------------------------------------------
   schedule = assembly.make_schedule(config)
   repl = sharding.replicated(mesh)
-  train_step = jax.jit(make_train_step(ref, tx, lr_schedule, schedule, config),
-                       in_shardings=(state_sh, f_sh, batch_shardings(mesh, rules, cached_keys),
-                                     repl),
-                       out_shardings=(state_sh, repl), donate_argnums=(0,))
+
+  def jit_train_step(frozen_sh):
+    # Compiled at its first call: the step without the teacher only if the run gets there.
+    return jax.jit(make_train_step(ref, tx, lr_schedule, schedule, config,
+                                   with_teacher="teacher" in frozen_sh),
+                   in_shardings=(state_sh, frozen_sh, batch_shardings(mesh, rules, cached_keys),
+                                 repl),
+                   out_shardings=(state_sh, repl), donate_argnums=(0,))
+  train_step = jit_train_step(f_sh)
 
   # ----- Checkpoint restore --------------------------------------------------------------------
   if start_step:
@@ -212,15 +253,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def evaluate(step: int, params) -> dict[str, Any]:
     """Refined and coarse reports' scalars and the panels (pictures) at `step`; after the last
     step also `<workdir>/final_eval.json`."""
-    report = refine.evaluate(ref, params, frozen, config, mesh)
+    # Refinement never reads the teacher: the same tree before and after it is dropped.
+    frozen_r = {k: v for k, v in frozen.items() if k != "teacher"}
+    report = refine.evaluate(ref, params, frozen_r, config, mesh)
     writer.write_scalars(step, common.report_scalars(report, "eval"))
     if common.num_eval_panels(config):
       if "fn" not in panel_fn:
         panel_fn["fn"] = refine.make_refine_fn(ref, config, mesh,
                                                jax.tree.map(lambda x: x.sharding, params),
-                                               jax.tree.map(lambda x: x.sharding, frozen))
+                                               jax.tree.map(lambda x: x.sharding, frozen_r))
       common.write_eval_panels(writer, workdir, step,
-                               eval_panels(panel_fn["fn"], params, frozen, config, mesh))
+                               eval_panels(panel_fn["fn"], params, frozen_r, config, mesh))
     if step == config.num_train_steps:
       common.write_final_eval(workdir, step, report)
     return report
@@ -229,6 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with ckpt, metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), \
       nn.logical_axis_rules(rules), preemption.PreemptionGuard() as notice:
     for step in range(start_step + 1, config.num_train_steps + 1):
+      if dropping and step > warmup and "teacher" in frozen:
+        frozen, f_sh = drop_teacher(frozen, f_sh)  # the warm-up is over
+        train_step = jit_train_step(f_sh)
+        logging.info("step %d: REPA warm-up over, teacher dropped", step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with report_progress.timed("data"):
           arrays, ids = pipeline.split_ids(next(train_iter))
