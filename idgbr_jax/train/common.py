@@ -240,6 +240,42 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+class StepEnd:
+  """What both trainers do after each step, in order: the step's metrics merged and, every
+  `log_every_steps` and at the last step, written; a checkpoint every `checkpoint_every_steps`
+  and at the last step; after a preemption notice, this step's checkpoint. A non-finite step
+  (`NonFiniteGuard.check`) reaches neither the logs nor a checkpoint.
+
+  `__call__` returns True when the loop must stop (preempted; `preempted_at` is then set)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, writer, ckpt, guard: NonFiniteGuard,
+               notice, start_step: int):
+    self.config, self.writer, self.ckpt, self.guard, self.notice = (config, writer, ckpt, guard,
+                                                                    notice)
+    self.metrics = None
+    self.last_saved = start_step or None
+    self.preempted_at = None
+
+  def __call__(self, step: int, state, step_metrics) -> bool:
+    config = self.config
+    self.metrics = step_metrics if self.metrics is None else self.metrics.merge(step_metrics)
+    last = step == config.num_train_steps
+    if step % config.log_every_steps == 0 or last:
+      self.guard.check(self.last_saved)
+      write_train_metrics(self.writer, step, self.metrics)
+      self.metrics = None
+    saved = step % config.checkpoint_every_steps == 0 or last
+    if saved:
+      self.guard.check(self.last_saved)
+      self.ckpt.save(step, state, config=config)
+      self.last_saved = step
+    if self.notice.reached(step):
+      self.guard.check(self.last_saved)
+      self.preempted_at = save_for_preemption(self.ckpt, step, state, config, saved)
+      return True
+    return False
+
+
 def save_for_preemption(ckpt, step: int, state, config, saved: bool) -> int:
   """After a preemption notice: this step's checkpoint (unless the loop just saved it), waited
   for, so the process can exit. Returns the step."""

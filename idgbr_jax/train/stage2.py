@@ -246,8 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
   guard = common.NonFiniteGuard(config, ckpt.directory)
-  train_metrics, last_eval, preempted_at = None, {}, None
-  last_saved = start_step or None
+  last_eval: dict[str, Any] = {}
   panel_fn = {}  # the panels' refine function, built (compiled) at the first evaluation
 
   def evaluate(step: int, params) -> dict[str, Any]:
@@ -271,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Trace under the mesh and the rules so the models' activation constraints take effect.
   with ckpt, metric_writers.ensure_flushes(writer), jax.set_mesh(mesh), \
       nn.logical_axis_rules(rules), preemption.PreemptionGuard() as notice:
+    step_end = common.StepEnd(config, writer, ckpt, guard, notice, start_step)
     for step in range(start_step + 1, config.num_train_steps + 1):
       if dropping and step > warmup and "teacher" in frozen:
         frozen, f_sh = drop_teacher(frozen, f_sh)  # the warm-up is over
@@ -282,20 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           batch = pipeline.to_global(arrays, mesh, rules)
         state, m = train_step(state, frozen, batch, rng)
       guard.record(step, ids, m.skipped_steps.count)
-      train_metrics = m if train_metrics is None else train_metrics.merge(m)
       report_progress(step)
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        guard.check(last_saved)
-        common.write_train_metrics(writer, step, train_metrics)
-        train_metrics = None
-      saved = step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
-      if saved:
-        guard.check(last_saved)  # a non-finite step never reaches a checkpoint
-        ckpt.save(step, state, config=config)
-        last_saved = step
-      if notice.reached(step):
-        guard.check(last_saved)
-        preempted_at = common.save_for_preemption(ckpt, step, state, config, saved)
+      if step_end(step, state, m):
         break
       if common.is_eval_step(step, config):
         with report_progress.timed("eval"):
@@ -304,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last_eval = evaluate(start_step, state["params"])
     ckpt.wait_until_finished()
   return {"state": state, "frozen": frozen, "refiner": ref, "eval": last_eval, "mesh": mesh,
-          "preempted_at": preempted_at, "checkpoint_dir": ckpt.directory,
+          "preempted_at": step_end.preempted_at, "checkpoint_dir": ckpt.directory,
           "skipped_steps": guard.skipped}
 
 
