@@ -24,6 +24,7 @@ CONFIG = "configs/idgbr_package_stage2.py"
 BF16 = ["--config.model.dtype=bfloat16"]
 REMAT = ["--config.model.remat=True"]
 FROZEN16 = ["--config.model.frozen_dtype=bfloat16"]
+CHUNKED = ["--config.model.attention=chunked"]
 
 # name -> (program, mesh, batch per chip, extra flags); the mesh names sizes for 8 devices and
 # is scaled to the topology's device count.
@@ -41,7 +42,10 @@ ROWS = {
     "after_warmup_fsdp8_bf16_remat_frozen16_b2": ("stage2_after_warmup", "fsdp=-1", 2,
                                                   BF16 + REMAT + FROZEN16),
     "after_warmup_fsdp8_bf16_b2": ("stage2_after_warmup", "fsdp=-1", 2, BF16),
+    "after_warmup_fsdp8_bf16_remat_frozen16_chunked_b2": ("stage2_after_warmup", "fsdp=-1", 2,
+                                                          BF16 + REMAT + FROZEN16 + CHUNKED),
     "refine_data8_b8": ("refine", "data=-1", 8, []),
+    "refine_data8_b8_chunked": ("refine", "data=-1", 8, CHUNKED),
 }
 
 

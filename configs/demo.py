@@ -64,6 +64,8 @@ def get_config(arg=None):
   s2.optim.warmup_steps = 50
   s2.repa.active_steps = 100
   s2.repa.projector_hidden = 64
+  # The tiny teacher costs nothing to keep; dropping it would compile a second step on 2 cores.
+  s2.repa.drop_teacher = False
   s2.model.guidance_init_mode = "paper"
   s2.diffusion.cond_dropout = 0.1
   # A few hundred CPU steps cannot learn to generate label maps from pure noise (strength 1, the

@@ -66,6 +66,9 @@ def get_config(arg=None):
   # numbers move by bf16 rounding). Export writes them as read.
   config.model.frozen_dtype = "float32"
   config.model.remat = False
+  # ours: the denoiser's and CG net's attention: "" (default) | chunked (long sequences: the
+  # [T, S] logits a block of 1024 queries at a time, forward and backward) | xla | cudnn.
+  config.model.attention = ""
 
   config.init = ml_collections.ConfigDict()  # params checkpoints (idgbr_jax.checkpoints.params)
   config.init.autoencoder = ml_collections.FieldReference(None, field_type=str)

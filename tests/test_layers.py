@@ -1,10 +1,11 @@
-"""layers.attention against jax.nn.dot_product_attention: values and gradients."""
+"""layers.attention against jax.nn.dot_product_attention (values and gradients), and its chunked form."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import numerics
 from idgbr_jax.models import layers
 
 
@@ -44,3 +45,38 @@ def test_attention_named_implementations_and_bad_name():
                              jax.nn.dot_product_attention(q, k, v), rtol=1e-6)
   with pytest.raises(ValueError, match="attention implementation"):
     layers.attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("t", [40, 48, 16])  # padded to 3 blocks, exactly 3 blocks, one block
+def test_chunked_attention_is_attention_values_and_grads(t):
+  """Blocks of queries, each rematerialised: the same function (every row computed as
+  `attention` does), so values and gradients agree to float32 rounding (tests/numerics.py)."""
+  q, k, v = _qkv(4, t=t, s=24)
+  weights = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * weights)  # noqa: E731
+  chunked = lambda *a: layers.chunked_attention(*a, chunk=16)  # noqa: E731
+  numerics.assert_close_up_to_rounding(chunked(q, k, v), layers.attention(q, k, v),
+                                       n_terms=24, err_msg="values")
+  # d/dk and d/dv sum over all t queries (across blocks).
+  numerics.assert_close_up_to_rounding(
+      jax.grad(loss(chunked), argnums=(0, 1, 2))(q, k, v),
+      jax.grad(loss(layers.attention), argnums=(0, 1, 2))(q, k, v), n_terms=t * 24,
+      err_msg="gradients")
+  assert layers.attention(q, k, v, implementation="chunked").shape == q.shape
+
+
+def test_chunked_attention_holds_one_block_of_logits():
+  """What it is for: the [T, S] logits and weights exist a block at a time, forward and
+  backward. For T = S = 1024 and 2 heads the plain gradient program holds several
+  [2, 1024, 1024] float32 buffers (8 MiB each; 24 MiB measured); in blocks of 128 queries
+  (1 MiB of logits) its temporaries stay under half of one of them (3.3 MiB measured)."""
+  q, k, v = _qkv(6, b=1, t=1024, s=1024, h=2, d=8)
+
+  def temp_bytes(fn):
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 1, 2)))
+    return grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+  logits = 2 * 1024 * 1024 * 4
+  plain = temp_bytes(layers.attention)
+  chunked = temp_bytes(lambda *a: layers.chunked_attention(*a, chunk=128))
+  assert plain >= 2 * logits and chunked < logits / 2, (plain, chunked)

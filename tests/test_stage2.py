@@ -519,3 +519,15 @@ def test_stage2_training_refuses_an_ignore_value_naming_the_example(monkeypatch)
   with pytest.raises(sources.DataError, match=r"example t\d.*\[255\].*Stage II training"):
     next(iter(stage2.train_input(config, 6, None)))
   assert pipeline.eval_dataset(config, "test", 6, normalize=False)[0]["label"].max() == 255
+
+
+def test_model_attention_reaches_the_denoiser_and_the_guidance_net():
+  config = small_config()
+  assert assembly.refiner_config(config, 6).denoiser.attention_implementation is None
+  config.model.attention = "chunked"
+  cfg = assembly.refiner_config(config, 6)
+  assert cfg.denoiser.attention_implementation == "chunked"
+  assert cfg.guidance.attention_implementation == "chunked"
+  config.model.attention = "flash"
+  with pytest.raises(ValueError, match="config.model.attention='flash'"):
+    assembly.refiner_config(config, 6)

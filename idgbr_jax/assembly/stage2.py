@@ -44,7 +44,8 @@ from idgbr_jax import checkpoints, diffusion, paths
 from idgbr_jax.assembly import common, parts
 from idgbr_jax.checkpoints import params as params_ckpt
 from idgbr_jax.data import sources
-from idgbr_jax.models import autoencoder, denoiser, dinov2, guidance, label_embedding, refiner
+from idgbr_jax.models import (autoencoder, denoiser, dinov2, guidance, label_embedding, layers,
+                              refiner)
 from idgbr_jax.parallel import sharding
 
 Params = Any
@@ -234,6 +235,17 @@ def context_path(config: ml_collections.ConfigDict) -> str | None:
   return None
 
 
+def attention_implementation(config: ml_collections.ConfigDict) -> str | None:
+  """The denoiser's and CG net's attention (`config.model.attention`, ours): "" is
+  `layers.attention`'s default; "chunked" holds long sequences' logits a block of queries at a
+  time (SD-1.5 at 512 px: 4096 tokens); "xla" / "cudnn" are `jax.nn.dot_product_attention`'s."""
+  name = config.model.get("attention", "") or None
+  if name not in layers.ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"config.model.attention={name!r}; allowed: "
+                     f"{['' if n is None else n for n in layers.ATTENTION_IMPLEMENTATIONS]}")
+  return name
+
+
 def refiner_config(config: ml_collections.ConfigDict, num_classes: int) -> refiner.RefinerConfig:
   """Stage II architecture: pretrained parts take theirs from their checkpoints' meta.json."""
   m = config.model
@@ -244,7 +256,8 @@ def refiner_config(config: ml_collections.ConfigDict, num_classes: int) -> refin
     den = parts.part_config(config.init.unet, "denoiser")
   else:
     den = denoiser.get_config(m.denoiser, **m.denoiser_overrides.to_dict())
-  den = dataclasses.replace(den, remat=m.remat)
+  attention = attention_implementation(config)
+  den = dataclasses.replace(den, remat=m.remat, attention_implementation=attention)
   ae_dir = frozen_part_dir(config, "autoencoder")
   ae = parts.part_config(ae_dir, "autoencoder") if ae_dir else autoencoder.get_config("tiny")
   ae = dataclasses.replace(ae, sample_posterior=config.diffusion.sample_posterior)
@@ -266,6 +279,7 @@ def refiner_config(config: ml_collections.ConfigDict, num_classes: int) -> refin
         den.block_out_channels, den.layers_per_block, latent, width=m.guidance_width,
         heads=m.guidance_heads, init_mode=m.guidance_init_mode,
         skip_inert_attention=m.guidance_init_mode == "code")
+  guid = dataclasses.replace(guid, attention_implementation=attention)
   teacher = None
   if config.repa.enabled and m.teacher:
     teacher = (parts.part_config(config.init.teacher, "dinov2")

@@ -82,7 +82,8 @@ class DenoiserConfig:
     transformer_layers_per_block: BasicTransformerBlocks per attention (int or per level).
     upcast_attention: run q/k/v and the attention in float32 even under bf16 compute.
     attention_implementation: `layers.attention`'s implementation (None: ours, fastest on CPU;
-      "xla" / "cudnn": `jax.nn.dot_product_attention`).
+      "chunked": ours over blocks of queries, for long sequences; "xla" / "cudnn":
+      `jax.nn.dot_product_attention`).
     remat: gradient-checkpoint every down/mid/up block.
   """
   in_channels: int = 4

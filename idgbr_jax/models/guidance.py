@@ -49,7 +49,7 @@ class GuidanceConfig:
   layers: int = 1            # ResidualAttentionBlocks per guidance block
   init_mode: str = "code"    # "code": all-zero (released code); "paper": zero res + output proj
   skip_inert_attention: bool = False  # code mode only: don't compute the provably-zero branch
-  attention_implementation: str | None = None  # layers.attention: None (ours), "xla", "cudnn"
+  attention_implementation: str | None = None  # layers.attention: None (ours), "chunked", ...
 
   def __post_init__(self):
     object.__setattr__(self, "skip_channels", tuple(int(c) for c in self.skip_channels))

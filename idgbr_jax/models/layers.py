@@ -19,8 +19,12 @@ from flax import linen as nn
 Dtype = Any
 Initializer = Callable[..., Any]
 
-# `attention(implementation=...)`: None is ours (below); the others go to jax.nn.dot_product_attention.
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+# `attention(implementation=...)`: None is ours (below); "chunked" is ours over blocks of queries
+# (`chunked_attention`); the others go to jax.nn.dot_product_attention.
+ATTENTION_IMPLEMENTATIONS = (None, "chunked", "xla", "cudnn")
+# Queries per block of `chunked_attention`: SD-1.5 at 512 px attends over 64 x 64 = 4096 tokens,
+# so its [T, S] logits are held a quarter at a time.
+QUERY_CHUNK = 1024
 
 
 def attention(query, key, value, implementation: str | None = None):
@@ -43,6 +47,8 @@ def attention(query, key, value, implementation: str | None = None):
     if implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
                        f"got {implementation!r}")
+    if implementation == "chunked":
+      return chunked_attention(query, key, value)
     return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
   dtype = query.dtype
   scale = 1.0 / np.sqrt(query.shape[-1])
@@ -55,6 +61,23 @@ def attention(query, key, value, implementation: str | None = None):
                    preferred_element_type=jnp.float32)
   out = out / jnp.sum(weights, axis=-1, keepdims=True)
   return jnp.swapaxes(out, -3, -2).astype(dtype)
+
+
+def chunked_attention(query, key, value, chunk: int = QUERY_CHUNK):
+  """`attention` computed for blocks of `chunk` queries in a loop, each block rematerialised in
+  the backward pass: the [T, S] logits and weights exist one block at a time, forward and
+  backward (O(chunk * S) temporaries per head instead of O(T * S)). Softmax rows are
+  independent, so it is the same function: each row is computed exactly as `attention` does.
+  The query count is padded up to a multiple of `chunk` (the padded rows are dropped)."""
+  t = query.shape[-3]
+  if t <= chunk:
+    return attention(query, key, value)
+  n = -(-t // chunk)
+  q = jnp.pad(query, [(0, 0)] * (query.ndim - 3) + [(0, n * chunk - t), (0, 0), (0, 0)])
+  q = jnp.moveaxis(q.reshape(q.shape[:-3] + (n, chunk) + q.shape[-2:]), -4, 0)
+  block = jax.checkpoint(lambda qb: attention(qb, key, value))
+  out = jnp.moveaxis(jax.lax.map(block, q), 0, -4)
+  return out.reshape(query.shape[:-3] + (n * chunk,) + query.shape[-2:])[..., :t, :, :]
 
 
 # PyTorch's default init for Conv/Linear is kaiming_uniform(a=sqrt(5)) == variance_scaling(1/3).
