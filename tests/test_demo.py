@@ -58,6 +58,15 @@ def test_demo_runlocal_writes_a_consistent_report(tmp_path):
   assert report["refined"]["repair"] == again["repair"] and "Repair analysis" in res.stdout
   assert sum(report["refined"]["repair"]["images"].values()) == 8
   assert report["seconds"] > 0
+  # What produced the numbers: the runlocal demo config's refinement and training lengths.
+  from idgbr_configs import demo  # pylint: disable=import-outside-toplevel
+  cfg = demo.get_config("runlocal")
+  d = cfg.stage2.diffusion
+  assert report["settings"] == {
+      "strength": d.strength, "start": d.start, "num_inference_steps": d.num_inference_steps,
+      "guidance_scale": d.guidance_scale, "cond_dropout": d.cond_dropout,
+      "train_max_timestep": d.train_max_timestep, "stage1_steps": cfg.stage1.num_train_steps,
+      "stage2_steps": cfg.stage2.num_train_steps}
   # Panels: the 4 test images refinement changed most, then 2 random ones, 5 columns each.
   panels = sorted(os.listdir(tmp_path / "panels"))
   assert len(panels) == 6 and f"-> {tmp_path / 'panels'}" in res.stdout

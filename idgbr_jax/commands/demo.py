@@ -142,6 +142,7 @@ def main(argv):
     report[name] = metrics.evaluate_dirs(
         pred_dir, label_dir, num_classes=num_classes, edge_size=config.edge_size,
         progress=False, coarse_dir=None if name == "coarse" else coarse_split_dir)
+  report["settings"] = demo_settings(s1, s2)
   report["seconds"] = round(time.time() - t0, 1)
   if jax.process_index() == 0:
     paths.write_json(paths.join(workdir, "report.json"), report)
@@ -154,6 +155,18 @@ def main(argv):
   stages.update()
   stages.close()
   _say(t0, f"report -> {paths.join(workdir, 'report.json')}")
+
+
+def demo_settings(s1, s2) -> dict:
+  """What produced the refined maps, for a reader of report.json: the refinement's settings
+  (strength 1 with start "noise" is the original's pure-noise start; < 1 from "coarse" is ours,
+  img2img) and the training lengths."""
+  d = s2.diffusion
+  return {"strength": float(d.strength), "start": str(d.get("start", "coarse")),
+          "num_inference_steps": int(d.num_inference_steps),
+          "guidance_scale": float(d.guidance_scale), "cond_dropout": float(d.cond_dropout),
+          "train_max_timestep": int(d.get("train_max_timestep", 0)),
+          "stage1_steps": int(s1.num_train_steps), "stage2_steps": int(s2.num_train_steps)}
 
 
 def comparison_table(report) -> str:
