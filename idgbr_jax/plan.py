@@ -235,10 +235,15 @@ def batch_shards(mesh_shape: dict[str, int], rules) -> int:
 
 # ----- programs of a config ----------------------------------------------------------------------
 def _drops_teacher(config: ml_collections.ConfigDict) -> bool:
-  """Whether a Stage II config's trainer switches to the step without the teacher (as
-  `train.stage2.drops_teacher`, from the config alone)."""
-  return bool(config.model.get("teacher") and config.repa.enabled and
-              int(config.repa.active_steps) > 0 and config.repa.get("drop_teacher", True))
+  """Whether a Stage II config's trainer reaches the step without the teacher (as
+  `train.stage2.step_needs_teacher`, from the config alone): it has a teacher, REPA is on and
+  the run goes past the warm-up, or never needs the teacher (active_steps 0)."""
+  if not (config.model.get("teacher") and config.repa.enabled):
+    return False
+  warmup = int(config.repa.active_steps)
+  if warmup <= 0:
+    return True
+  return bool(config.repa.get("drop_teacher", True)) and config.num_train_steps > warmup
 
 
 def programs_of(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -537,8 +542,9 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
       continue
     cfg = available[program]
     if program == "stage2_after_warmup" and not _drops_teacher(cfg):
-      notes.append("stage2_after_warmup: skipped, the config has no teacher or keeps it "
-                   "(repa.drop_teacher=False): stage2 is its only step")
+      notes.append("stage2_after_warmup: skipped, the config's trainer never runs it (no "
+                   "teacher, repa.drop_teacher=False, or num_train_steps <= repa.active_steps)"
+                   ": stage2 is its only step")
       continue
     rules = tuple(cfg.sharding_rules)
     shape = mesh_shape_for(cfg, mesh, len(target.devices))
@@ -567,6 +573,10 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
       fits = not oom and peak <= target.hbm_bytes
     if oom:
       note = "; ".join(filter(None, [note, f"compiler: {oom}"]))
+    if program != "stage1" and cfg.model.get("attention", "") == "chunked":
+      note = "; ".join(filter(None, [note, "model.attention=chunked: XLA counts each "
+                                      "attention's loop of query blocks once, so the FLOPs "
+                                      "under-count (plan without it for FLOPs)"]))
     options = {"model.dtype": str(cfg.model.get("dtype", "float32")),
                "model.remat": bool(cfg.model.get("remat", False))}
     if program != "stage1":

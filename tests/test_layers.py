@@ -47,14 +47,19 @@ def test_attention_named_implementations_and_bad_name():
     layers.attention(q, k, v, implementation="flash")
 
 
-@pytest.mark.parametrize("t", [40, 48, 16])  # padded to 3 blocks, exactly 3 blocks, one block
-def test_chunked_attention_is_attention_values_and_grads(t):
-  """Blocks of queries, each rematerialised: the same function (every row computed as
-  `attention` does), so values and gradients agree to float32 rounding (tests/numerics.py)."""
-  q, k, v = _qkv(4, t=t, s=24)
-  weights = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32)
+@pytest.mark.parametrize("t, lead", [(40, ()), (48, ()), (17, (2, 3))])
+def test_chunked_attention_is_attention_values_and_grads(t, lead, monkeypatch):
+  """Blocks of queries (padded: 40 -> 3 blocks of 16; exact: 48; 17 -> 2 blocks, with two
+  leading dims), each rematerialised: the same function (every row computed as `attention`
+  does), so values and gradients agree to float32 rounding (tests/numerics.py)."""
+  rng = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rng.normal(size=lead + shape), jnp.float32)
+             for shape in ((t, 3, 5), (24, 3, 5), (24, 3, 5)))
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   loss = lambda fn: lambda *a: jnp.sum(fn(*a) * weights)  # noqa: E731
-  chunked = lambda *a: layers.chunked_attention(*a, chunk=16)  # noqa: E731
+  # The named implementation, as the models call it, with 16-query blocks.
+  monkeypatch.setattr(layers, "QUERY_CHUNK", 16)
+  chunked = lambda *a: layers.attention(*a, implementation="chunked")  # noqa: E731
   numerics.assert_close_up_to_rounding(chunked(q, k, v), layers.attention(q, k, v),
                                        n_terms=24, err_msg="values")
   # d/dk and d/dv sum over all t queries (across blocks).
@@ -62,7 +67,8 @@ def test_chunked_attention_is_attention_values_and_grads(t):
       jax.grad(loss(chunked), argnums=(0, 1, 2))(q, k, v),
       jax.grad(loss(layers.attention), argnums=(0, 1, 2))(q, k, v), n_terms=t * 24,
       err_msg="gradients")
-  assert layers.attention(q, k, v, implementation="chunked").shape == q.shape
+  # It really ran in blocks: a loop in the program.
+  assert "scan" in str(jax.make_jaxpr(chunked)(q, k, v))
 
 
 def test_chunked_attention_holds_one_block_of_logits():

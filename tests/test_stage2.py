@@ -188,17 +188,33 @@ def test_step_without_teacher_is_the_warmup_step_after_the_warmup(single):
   assert abs(float(m_in["repa"])) > 1e-3  # the last warm-up step still has its REPA term
 
 
+def test_which_steps_need_the_teacher():
+  """Loop steps 1..active_steps run the program with the teacher (REPA's warm-up: the state has
+  taken step - 1 < active_steps steps); later ones without it, unless repa.drop_teacher=False;
+  a teacher REPA never uses is never needed."""
+  config = small_config()
+  ref = refiner.Refiner(assembly.refiner_config(config, 6))
+  warmup = config.repa.active_steps
+  assert warmup == 2
+  needs = lambda: [stage2.step_needs_teacher(ref, config, s) for s in (1, 2, 3, 4)]  # noqa: E731
+  assert needs() == [True, True, False, False]
+  config.repa.drop_teacher = False
+  assert needs() == [True] * 4
+  config.repa.active_steps = 0
+  assert needs() == [False] * 4
+  config.repa.active_steps, config.repa.enabled = 2, False
+  assert needs() == [False] * 4
+
+
 @pytest.mark.slow
 def test_trainer_drops_the_teacher_after_the_warmup(tmp_path, monkeypatch):
-  """The trainer compiles the step without the teacher only when the warm-up ends, frees the
-  teacher then, and a run resumed after the warm-up never builds it. `repa.drop_teacher=False`
-  keeps the one warm-up program (and the teacher) for the whole run."""
+  """The trainer compiles the step without the teacher only when the warm-up ends and frees the
+  teacher then; resumed inside the warm-up it loads the teacher, resumed after it never does."""
   config = small_config()
   config.data.data_dir = str(tmp_path / "tfds")
   config.data.coarse_dir = str(tmp_path / "coarse")
   _write_split(config, "train", config.data.coarse_dir, lambda l: np.roll(l, 1, axis=0))
-  config.num_train_steps = 3  # repa.active_steps = 2 (runlocal)
-  config.checkpoint_every_steps = 3
+  config.checkpoint_every_steps = 1
   config.eval_every_steps = -1
   config.num_eval_panels = 0
   programs, frozen_built = [], []
@@ -214,24 +230,22 @@ def test_trainer_drops_the_teacher_after_the_warmup(tmp_path, monkeypatch):
   monkeypatch.setattr(stage2, "make_train_step", step_spy)
   monkeypatch.setattr(assembly, "init_frozen", frozen_spy)
 
-  out = stage2.train_and_evaluate(copy.deepcopy(config), str(tmp_path / "run"))
-  assert int(out["state"]["step"]) == 3
+  def run(steps):
+    programs.clear()
+    frozen_built.clear()
+    config.num_train_steps = steps
+    out = stage2.train_and_evaluate(copy.deepcopy(config), str(tmp_path / "run"))
+    assert int(out["state"]["step"]) == steps
+    return out
+
+  # repa.active_steps = 2 (runlocal): steps 1 and 2 with the teacher, 3 on without.
+  out = run(1)
+  assert programs == [True] and frozen_built == [True] and "teacher" in out["frozen"]
+  out = run(3)  # resumed inside the warm-up: the teacher is loaded, then dropped after step 2
   assert programs == [True, False] and frozen_built == [True]
   assert "teacher" not in out["frozen"]
-  # Resumed after the warm-up: no teacher is loaded, only the second program is built.
-  programs.clear()
-  frozen_built.clear()
-  config.num_train_steps = 4
-  out = stage2.train_and_evaluate(copy.deepcopy(config), str(tmp_path / "run"))
-  assert int(out["state"]["step"]) == 4
+  out = run(4)  # resumed after it: never loaded
   assert programs == [False] and frozen_built == [False]
-  # Opting out: one program, the teacher kept.
-  programs.clear()
-  frozen_built.clear()
-  config.repa.drop_teacher = False
-  config.num_train_steps = 3
-  out = stage2.train_and_evaluate(copy.deepcopy(config), str(tmp_path / "keep"))
-  assert programs == [True] and frozen_built == [True] and "teacher" in out["frozen"]
 
 
 @pytest.mark.slow
@@ -244,10 +258,15 @@ def test_frozen_weights_in_bfloat16(single):
   config.model.frozen_dtype = "bfloat16"
   rules = tuple(config.sharding_rules)
   f_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  bf16 = assembly.cast_frozen(jax.tree.map(jnp.copy, frozen), f_sh, jnp.bfloat16)
+  copied = jax.tree.map(jnp.copy, frozen)
+  bf16 = assembly.cast_frozen(copied, jnp.bfloat16)
+  # Consumed: each float32 weight is freed once cast (the context is kept, not a weight).
+  assert all(x.is_deleted() for x in jax.tree.leaves(copied["vae"]))
+  assert not copied["context"].is_deleted()
   for k in assembly.FROZEN_WEIGHTS:
-    for got, want in zip(jax.tree.leaves(bf16[k]), jax.tree.leaves(frozen[k])):
-      assert got.dtype == jnp.bfloat16 and got.sharding == want.sharding
+    for got, want, sh in zip(jax.tree.leaves(bf16[k]), jax.tree.leaves(frozen[k]),
+                             jax.tree.leaves(f_sh[k])):
+      assert got.dtype == jnp.bfloat16 and got.sharding == sh
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(jnp.bfloat16))
   assert bf16["context"].dtype == jnp.float32
   # The trainer's own path: init_frozen applies the config's dtype, unless full_precision.

@@ -465,17 +465,22 @@ def frozen_dtype(config: ml_collections.ConfigDict):
   return common.dtype_from_name(config.model.get("frozen_dtype", "float32"))
 
 
-def cast_frozen(frozen: Params, shardings: Any, dtype) -> Params:
-  """`frozen` with the floating weights of `FROZEN_WEIGHTS` in `dtype`, same shardings; the
-  float32 arrays are donated (freed). Computation still runs in the model's dtype: a layer
-  promotes bf16 weights against its float32 activations, so only the weights are rounded."""
-  parts_ = {k: v for k, v in frozen.items() if k in FROZEN_WEIGHTS}
-  if dtype == jnp.float32 or not parts_:
+def cast_frozen(frozen: Params, dtype) -> Params:
+  """`frozen` with the floating weights of `FROZEN_WEIGHTS` in `dtype`, same shardings. Cast a
+  leaf at a time, each float32 array deleted once cast (consumed: a float32 buffer cannot be
+  donated to a bf16 output), so the peak is the float32 tree plus one leaf. Computation still
+  runs in the model's dtype: a layer promotes bf16 weights against its float32 activations, so
+  only the weights are rounded."""
+  if dtype == jnp.float32:
     return frozen
-  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-  out = jax.jit(lambda t: jax.tree.map(cast, t), donate_argnums=0,
-                out_shardings={k: shardings[k] for k in parts_})(parts_)
-  return {**frozen, **out}
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+      return x
+    y = x.astype(dtype)  # elementwise on the committed array: keeps its sharding
+    x.delete()
+    return y
+  return {k: jax.tree.map(cast, v) if k in FROZEN_WEIGHTS else v for k, v in frozen.items()}
 
 
 def init_frozen(ref: refiner.Refiner, config: ml_collections.ConfigDict, mesh, rules, *,
@@ -484,7 +489,7 @@ def init_frozen(ref: refiner.Refiner, config: ml_collections.ConfigDict, mesh, r
   """Frozen params {vae, label_embed, unet_ori, context[, teacher]} and their shardings.
 
   `unet_ori` is (params, shardings) of the encoder half of the initial denoiser (a trainer
-  passes a copy of its freshly initialised state's: it is donated when cast); None computes it
+  passes a copy of its freshly initialised state's: consumed when cast); None computes it
   (`initial_unet_encoder`). Under `config.init.refiner` it is always the imported refiner's
   `unet_ori`, whatever is passed: a state initialised from the import holds the *trained* unet,
   whose encoder is not unet_ori. The teacher is only built with `with_teacher` and a config
@@ -524,7 +529,7 @@ def init_frozen(ref: refiner.Refiner, config: ml_collections.ConfigDict, mesh, r
   ctx = np.asarray(ctx, np.float32)
   frozen["context"] = jax.make_array_from_callback(ctx.shape, f_sh["context"], lambda i: ctx[i])
   if not full_precision:
-    frozen = cast_frozen(frozen, f_sh, frozen_dtype(config))
+    frozen = cast_frozen(frozen, frozen_dtype(config))
   return frozen, f_sh
 
 

@@ -72,10 +72,16 @@ def teacher_steps(ref: refiner.Refiner, config: ml_collections.ConfigDict) -> in
   return max(int(config.repa.active_steps), 0)
 
 
-def drops_teacher(ref: refiner.Refiner, config: ml_collections.ConfigDict) -> bool:
-  """Whether the trainer switches to the step without the teacher after the warm-up
-  (`repa.drop_teacher`, default true; ours: the original deletes DINOv2 after `acc_steps`)."""
-  return teacher_steps(ref, config) > 0 and bool(config.repa.get("drop_teacher", True))
+def step_needs_teacher(ref: refiner.Refiner, config: ml_collections.ConfigDict,
+                       step: int) -> bool:
+  """Whether the trainer runs loop step `step` (1-based: the state has taken step - 1) with the
+  program that holds the teacher: REPA's warm-up steps 1..active_steps; after them only under
+  `repa.drop_teacher=False` (default true; ours: the original deletes DINOv2 after
+  `acc_steps`). A teacher REPA never uses (active_steps 0) is never loaded."""
+  warmup = teacher_steps(ref, config)
+  if warmup == 0:
+    return False
+  return step <= warmup or not bool(config.repa.get("drop_teacher", True))
 
 
 def drop_teacher(frozen, f_sh):
@@ -97,7 +103,7 @@ def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config, *,
   `lax.cond(step < repa.active_steps)`, so the program is right at any step. `with_teacher=
   False` is the step after the warm-up: no REPA branch and no teacher among the frozen
   arguments (its `repa` metric is 0, as the first program's after the warm-up). The trainer
-  switches to it after `repa.active_steps` and frees the teacher (`drops_teacher`), as the
+  switches to it after `repa.active_steps` and frees the teacher (`step_needs_teacher`), as the
   original deletes DINOv2 after `acc_steps`: 1.1 B parameters (DINOv2-g) off every chip for
   the rest of the run.
 
@@ -204,12 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----- Params & optimizer --------------------------------------------------------------------
   tx, lr_schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   state, state_sh = init_state(ref, tx, config, mesh, rules)
-  # The teacher is needed for steps 1..teacher_steps (REPA's warm-up); a run resumed after it
-  # never loads it when the trainer drops it.
-  warmup = teacher_steps(ref, config)
-  dropping = drops_teacher(ref, config)
+  # A run resumed after REPA's warm-up never loads the teacher (step_needs_teacher).
   frozen, f_sh = init_frozen(ref, config, state, state_sh, mesh, rules,
-                             with_teacher=not (dropping and start_step >= warmup))
+                             with_teacher=step_needs_teacher(ref, config, start_step + 1))
   logging.info("stage II trainable %d, frozen %d parameters",
                common.count_params(state["params"]), common.count_params(frozen))
 
@@ -272,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       nn.logical_axis_rules(rules), preemption.PreemptionGuard() as notice:
     step_end = common.StepEnd(config, writer, ckpt, guard, notice, start_step)
     for step in range(start_step + 1, config.num_train_steps + 1):
-      if dropping and step > warmup and "teacher" in frozen:
+      if "teacher" in frozen and not step_needs_teacher(ref, config, step):
         frozen, f_sh = drop_teacher(frozen, f_sh)  # the warm-up is over
         train_step = jit_train_step(f_sh)
         logging.info("step %d: REPA warm-up over, teacher dropped", step)
