@@ -384,28 +384,17 @@ def _stage2_trees(config, mesh, rules, *, with_teacher: bool, with_projector: bo
     if not with_projector:
       trainable.pop("projector", None)
       trainable_sh.pop("projector", None)
-  # The frozen tree of assembly.init_frozen, abstract: the same init functions (any key gives
+  # The frozen tree of assembly.init_frozen, abstract: its own init functions (any key gives
   # the shapes).
-  size = config.data.image_size
   r = assembly.trainable_key(config)
   frozen, f_sh = {}, {}
-  frozen["vae"], f_sh["vae"] = _abstract(
-      lambda k: ref.vae.init(k, jnp.zeros((1, size, size, ref.config.autoencoder.in_channels)),
-                             None, False)["params"], r, mesh, rules)
-  frozen["label_embed"], f_sh["label_embed"] = _abstract(
-      lambda k: ref.label_embed.init(k, jnp.zeros((1, 2, 2), jnp.int32))["params"], r, mesh,
-      rules)
-  if with_teacher and ref.teacher is not None:
-    p = ref.config.teacher.patch_size
-    frozen["teacher"], f_sh["teacher"] = _abstract(
-        lambda k: ref.teacher.init(k, jnp.zeros((1, p, p, 3)))["params"], r, mesh, rules)
-  unet, unet_sh = _abstract(lambda k: ref.init_unet(k, size), r, mesh, rules)
+  for part, init_fn in assembly.frozen_init_fns(ref, config, with_teacher=with_teacher).items():
+    frozen[part], f_sh[part] = _abstract(init_fn, r, mesh, rules)
+  unet, unet_sh = _abstract(lambda k: ref.init_unet(k, config.data.image_size), r, mesh, rules)
   frozen["unet_ori"], f_sh["unet_ori"] = (denoiser.encoder_params(unet),
                                           denoiser.encoder_params(unet_sh))
-  d = ref.config.denoiser
   f_sh["context"] = sharding.replicated(mesh)
-  frozen["context"] = jax.ShapeDtypeStruct((1, ref.config.context_length,
-                                            d.cross_attention_dim), jnp.float32,
+  frozen["context"] = jax.ShapeDtypeStruct(assembly.context_shape(ref), jnp.float32,
                                            sharding=f_sh["context"])
   return ref, (trainable, trainable_sh), (frozen, f_sh)
 

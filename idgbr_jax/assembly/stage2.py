@@ -455,6 +455,28 @@ def _load_or_init_autoencoder(ref: refiner.Refiner, config: ml_collections.Confi
   return params, shardings
 
 
+def frozen_init_fns(ref: refiner.Refiner, config: ml_collections.ConfigDict, *,
+                    with_teacher: bool = True) -> dict[str, Callable[[jax.Array], Params]]:
+  """{part: rng -> params} of the frozen parts a checkpoint may replace (vae, label_embed
+  [, teacher]): `init_frozen` runs them (or restores into their shapes), `idgbr plan` traces
+  them abstractly. `unet_ori` comes from the denoiser's init, the context from a file."""
+  size = config.data.image_size
+  channels = ref.config.autoencoder.in_channels
+  fns = {"vae": lambda r: ref.vae.init(r, jnp.zeros((1, size, size, channels)), None,
+                                       False)["params"],
+         "label_embed": lambda r: ref.label_embed.init(r, jnp.zeros((1, 2, 2),
+                                                                    jnp.int32))["params"]}
+  if with_teacher and ref.teacher is not None:
+    p = ref.config.teacher.patch_size
+    fns["teacher"] = lambda r: ref.teacher.init(r, jnp.zeros((1, p, p, 3)))["params"]
+  return fns
+
+
+def context_shape(ref: refiner.Refiner) -> tuple[int, int, int]:
+  """The text context's shape (1, L, cross_attention_dim); zeros when no file is given."""
+  return (1, ref.config.context_length, ref.config.denoiser.cross_attention_dim)
+
+
 # The frozen tree's weights (not the text context, an input) that `config.model.frozen_dtype`
 # stores in a narrower dtype.
 FROZEN_WEIGHTS = ("vae", "label_embed", "unet_ori", "teacher")
@@ -499,26 +521,19 @@ def init_frozen(ref: refiner.Refiner, config: ml_collections.ConfigDict, mesh, r
   if unet_ori is None or _refiner_dir(config):
     unet_ori = initial_unet_encoder(ref, config, mesh, rules)
   r_vae, r_le, r_teacher = jax.random.split(common.init_key(config.seed + FROZEN_SEED_OFFSET), 3)
-  size = config.data.image_size
+  init_fns = frozen_init_fns(ref, config, with_teacher=with_teacher)
   frozen, f_sh = {}, {}
   frozen["vae"], f_sh["vae"] = _load_or_init_autoencoder(
-      ref, config, frozen_part_dir(config, "autoencoder"),
-      lambda r: ref.vae.init(r, jnp.zeros((1, size, size, ref.config.autoencoder.in_channels)),
-                             None, False)["params"], r_vae, mesh, rules)
+      ref, config, frozen_part_dir(config, "autoencoder"), init_fns["vae"], r_vae, mesh, rules)
   frozen["label_embed"], f_sh["label_embed"] = _load_or_init(
-      frozen_part_dir(config, "label_embed"),
-      lambda r: ref.label_embed.init(r, jnp.zeros((1, 2, 2), jnp.int32))["params"], r_le, mesh,
-      rules)
-  if with_teacher and ref.teacher is not None:
-    p = ref.config.teacher.patch_size
+      frozen_part_dir(config, "label_embed"), init_fns["label_embed"], r_le, mesh, rules)
+  if "teacher" in init_fns:
     frozen["teacher"], f_sh["teacher"] = _load_or_init(
-        config.init.teacher, lambda r: ref.teacher.init(r, jnp.zeros((1, p, p, 3)))["params"],
-        r_teacher, mesh, rules)
+        config.init.teacher, init_fns["teacher"], r_teacher, mesh, rules)
   frozen["unet_ori"], f_sh["unet_ori"] = unet_ori
   d = ref.config.denoiser
   ctx_path = context_path(config)
-  ctx = (paths.load_npy(ctx_path) if ctx_path else
-         np.zeros((1, ref.config.context_length, d.cross_attention_dim), np.float32))
+  ctx = (paths.load_npy(ctx_path) if ctx_path else np.zeros(context_shape(ref), np.float32))
   ctx = ctx[None] if ctx.ndim == 2 else ctx
   if ctx.ndim != 3 or ctx.shape[-1] != d.cross_attention_dim:
     raise ValueError(f"context {ctx_path} has shape {ctx.shape}; the denoiser "
