@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import time
 from typing import Any
 
 import jax
@@ -192,17 +193,33 @@ class Checkpointer:
   def _save_errors(self, step: int | None = None):
     return _SaveErrors(self, self._pending_step if step is None else step)
 
-  def _remove_temporary(self, step: int | None) -> None:
+  def _remove_temporary(self, step: int | None, settle_s: float = 10.0) -> None:
     """Deletes the temporary folders of `step` left by a failed save (they hold no finished
-    checkpoint; removing them frees the space they took)."""
+    checkpoint; removing them frees the space they took).
+
+    A failed save's error surfaces as soon as one of orbax's writer threads fails, while others
+    may still be writing (and creating files) in the folder: first wait for them, then remove
+    until two scans in a row find nothing (at most `settle_s`)."""
     if jax.process_index() != 0:
       return
-    for name in scan_steps(self.directory)[2]:
-      if name not in self._temporary and (step is None or name.startswith(f"{step}.")):
+    try:
+      self._manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  # the same failure, reported by the caller
+      pass
+
+    def left() -> list[str]:
+      return [n for n in scan_steps(self.directory)[2]
+              if n not in self._temporary and (step is None or n.startswith(f"{step}."))]
+    deadline, clean_scans = time.monotonic() + settle_s, 0
+    while clean_scans < 2 and time.monotonic() < deadline:
+      names = left()
+      clean_scans = 0 if names else clean_scans + 1
+      for name in names:
         try:
           paths.rmtree(self.directory / name)
         except OSError:
           pass
+      time.sleep(0.1)
 
   def restore(self, step: int | None, target_state: Any, *, shardings: Any = None) -> Any:
     """Restores the state into the structure/shardings of `target_state` (arrays or abstract)."""
