@@ -349,7 +349,12 @@ def test_unloadable_export_is_refused_and_refines_like_the_run_with_allow(tmp_pa
 
 def test_settings_the_original_samples_differently():
   s2 = demo.get_config().stage2
-  assert (s2.diffusion.strength, s2.diffusion.start) == (0.2, "coarse")  # the demo's numbers
+  # The demo samples as the original does (pure noise, strength 1, scale 3 > 1).
+  assert (s2.diffusion.strength, s2.diffusion.start) == (1.0, "noise")
+  assert not any("strength" in f or "guidance" in f
+                 for f in assembly.original_refine_differences(s2))
+  # Ours, the img2img start (the demo's option): the original cannot sample it.
+  s2.diffusion.strength, s2.diffusion.start = 0.2, "coarse"
   found = assembly.original_refine_differences(s2)
   assert any("start='coarse'" in f and "start=noise" in f for f in found)
   s2.diffusion.start = "noise"

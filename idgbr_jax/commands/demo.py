@@ -6,6 +6,8 @@ The whole method on the embedded synthetic dataset: Stage I -> coarse maps -> la
 coarse | refined | repaired/damaged). Every stage resumes / skips when its output already exists
 in DIR.
 """
+import copy
+import dataclasses
 import importlib.util
 import os
 import time
@@ -51,67 +53,99 @@ def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   _runtime.setup()
+  from idgbr_jax.train import common  # pylint: disable=import-outside-toplevel
+  workdir = common.ensure_workdir(_WORKDIR.value)
+  t0 = time.time()
+  run(_CONFIG.value, DemoDirs.under(workdir), say=lambda msg: _say(t0, msg))
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoDirs:
+  """Where each stage reads and writes. `under(workdir)`: the demo's layout; `bench/claim.py`
+  shares the dataset and the autoencoder between runs and the coarse maps between variants."""
+  data: str
+  stage1: str
+  coarse: str
+  label_embed: str
+  autoencoder: str
+  stage2: str
+  refined: str       # <refined>/<eval split>/<id>.png: the refined maps
+  autoencoded: str   # the control: the coarse maps through the autoencoder only (same layout)
+  labels: str        # the eval split's ground truth as index PNGs (same layout)
+  panels: str
+  report: str        # report.json
+
+  @classmethod
+  def under(cls, workdir: str, **overrides) -> "DemoDirs":
+    from idgbr_jax import paths  # pylint: disable=import-outside-toplevel
+    j = lambda *p: paths.join(workdir, *p)  # noqa: E731
+    dirs = dict(data=j("tensorflow_datasets"), stage1=j("stage1"), coarse=j("coarse"),
+                label_embed=j("label_embed"), autoencoder=j("autoencoder"), stage2=j("stage2"),
+                refined=j("refined"), autoencoded=j("autoencoded"), labels=j("labels"),
+                panels=j("panels"), report=j("report.json"))
+    return cls(**{**dirs, **overrides})
+
+
+def run(config, dirs: DemoDirs, *, say=print, panels: bool = True) -> dict:
+  """The whole method: returns the report (also written to `dirs.report`). Every stage skips
+  or resumes when its output already exists."""
   # pylint: disable=import-outside-toplevel
   import jax
   from idgbr_jax import metrics, paths, progress
   from idgbr_jax.data import sources
   from idgbr_jax.inference import refine as refine_lib
   from idgbr_jax.inference import stage1 as infer
-  from idgbr_jax.train import common, pretrain, stage1, stage2
+  from idgbr_jax.train import pretrain, stage1, stage2
 
-  config = _CONFIG.value
-  workdir = common.ensure_workdir(_WORKDIR.value)
+  t0 = time.time()
+  config = copy.deepcopy(config)
   s1, s2 = config.stage1, config.stage2
-  data_dir = s1.data.data_dir or paths.join(workdir, "tensorflow_datasets")
-  coarse_dir = paths.join(workdir, "coarse")
+  data_dir = s1.data.data_dir or dirs.data
   with s1.unlocked(), s2.unlocked():
     s1.data.data_dir = s2.data.data_dir = data_dir
-    s2.data.coarse_dir = coarse_dir
-    s2.init.label_embed = paths.join(workdir, "label_embed")
-    s2.init.autoencoder = paths.join(workdir, "autoencoder")
-  t0 = time.time()
+    s2.data.coarse_dir = dirs.coarse
+    s2.init.label_embed = dirs.label_embed
+    s2.init.autoencoder = dirs.autoencoder
   stages = progress.Progress(NUM_STAGES, "demo", unit="stage")
   num_classes = sources.num_classes(s1.data)
   n_train = len(sources.get_source(s1.data, s1.data.train_split))
   n_test = len(sources.get_source(s1.data, s1.data.eval_split))
-  _say(t0, f"dataset synthetic_rs/{s1.data.task}: {n_train} train / {n_test} test, "
-       f"{s1.data.image_size}px, {num_classes} classes")
+  say(f"dataset synthetic_rs/{s1.data.task}: {n_train} train / {n_test} test, "
+      f"{s1.data.image_size}px, {num_classes} classes")
   stages.update()
 
-  stage1_dir = paths.join(workdir, "stage1")
-  stage1.train_and_evaluate(s1, stage1_dir)
-  _say(t0, f"stage I {s1.model.backbone}/{s1.model.variant} trained ({s1.num_train_steps} steps)")
+  stage1.train_and_evaluate(s1, dirs.stage1)
+  say(f"stage I {s1.model.backbone}/{s1.model.variant} trained ({s1.num_train_steps} steps)")
   stages.update()
   if config.num_folds:
-    stage1.predict_cross_fitted(stage1_dir, coarse_dir, config.num_folds, s1)
+    stage1.predict_cross_fitted(dirs.stage1, dirs.coarse, config.num_folds, s1)
   else:
-    infer.predict_split(stage1_dir, s1.data.train_split, coarse_dir, config=s1)
-  infer.predict_split(stage1_dir, s1.data.eval_split, coarse_dir, config=s1)
-  _say(t0, f"coarse maps -> {coarse_dir} (train split cross-fitted over {config.num_folds} "
-       "folds)" if config.num_folds else f"coarse maps -> {coarse_dir}")
+    infer.predict_split(dirs.stage1, s1.data.train_split, dirs.coarse, config=s1)
+  infer.predict_split(dirs.stage1, s1.data.eval_split, dirs.coarse, config=s1)
+  say(f"coarse maps -> {dirs.coarse} (train split cross-fitted over {config.num_folds} folds)"
+      if config.num_folds else f"coarse maps -> {dirs.coarse}")
   stages.update()
 
-  if not paths.exists(paths.join(s2.init.label_embed, "meta.json")):
+  if not paths.exists(paths.join(dirs.label_embed, "meta.json")):
     le_cfg = config.label_embed
     with le_cfg.unlocked():
       le_cfg.num_classes = num_classes
-    le = pretrain.train_label_embedding(le_cfg, s2.init.label_embed)
-    _say(t0, f"label embedding trained (noisy-decode accuracy {le['accuracy']:.3f})")
+    le = pretrain.train_label_embedding(le_cfg, dirs.label_embed)
+    say(f"label embedding trained (noisy-decode accuracy {le['accuracy']:.3f})")
   stages.update()
-  if not paths.exists(paths.join(s2.init.autoencoder, "meta.json")):
-    ae = pretrain.train_autoencoder(config.autoencoder, s2, s2.init.label_embed,
-                                    s2.init.autoencoder)
-    _say(t0, f"autoencoder trained (L1 {ae['l1']:.3f}, label round-trip pixel accuracy "
-         f"{ae['label_accuracy']:.3f})")
-  stages.update()
-
-  stage2_dir = paths.join(workdir, "stage2")
-  out = stage2.train_and_evaluate(s2, stage2_dir)
-  _say(t0, f"stage II trained ({s2.num_train_steps} steps)")
+  if not paths.exists(paths.join(dirs.autoencoder, "meta.json")):
+    ae = pretrain.train_autoencoder(config.autoencoder, s2, dirs.label_embed, dirs.autoencoder)
+    say(f"autoencoder trained (L1 {ae['l1']:.3f}, label round-trip pixel accuracy "
+        f"{ae['label_accuracy']:.3f})")
   stages.update()
 
-  refined_dir = paths.join(workdir, "refined", s2.data.eval_split)
-  autoencoded_dir = paths.join(workdir, "autoencoded", s2.data.eval_split)
+  out = stage2.train_and_evaluate(s2, dirs.stage2)
+  say(f"stage II trained ({s2.num_train_steps} steps)")
+  stages.update()
+
+  split = s2.data.eval_split
+  refined_dir, autoencoded_dir = paths.join(dirs.refined, split), paths.join(dirs.autoencoded, split)
+  label_dir = paths.join(dirs.labels, split)
   ref, mesh = out["refiner"], out["mesh"]
   trainable, frozen = out["state"]["params"], out["frozen"]
   shardings = (jax.tree.map(lambda x: x.sharding, trainable),
@@ -128,14 +162,15 @@ def main(argv):
         maps[example_id] = (index, refined, coarse, label)
   stages.update()
   d = s2.diffusion
-  _say(t0, f"refined test maps -> {refined_dir} ({d.num_inference_steps} DDIM steps at strength "
-       f"{d.strength}, guidance {d.guidance_scale}); control without diffusion (coarse maps "
-       f"through the autoencoder only) -> {autoencoded_dir}")
+  start = ("pure noise" if d.strength >= 1 or d.get("start", "coarse") == "noise"
+           else "the noised coarse latent")
+  say(f"refined test maps -> {refined_dir} ({d.num_inference_steps} DDIM steps at strength "
+      f"{d.strength} from {start}, guidance {d.guidance_scale}); control without diffusion "
+      f"(coarse maps through the autoencoder only) -> {autoencoded_dir}")
 
-  label_dir = paths.join(workdir, "labels", s1.data.eval_split)
-  _export_labels(s1, s1.data.eval_split, label_dir)
+  _export_labels(s1, split, label_dir)
   report = {}
-  coarse_split_dir = paths.join(coarse_dir, s1.data.eval_split)
+  coarse_split_dir = paths.join(dirs.coarse, split)
   for name, pred_dir in (("coarse", coarse_split_dir), ("refined", refined_dir),
                          ("coarse_autoencoded", autoencoded_dir)):
     # Refined maps and the control also get the repair analysis against the coarse maps.
@@ -145,16 +180,16 @@ def main(argv):
   report["settings"] = demo_settings(s1, s2)
   report["seconds"] = round(time.time() - t0, 1)
   if jax.process_index() == 0:
-    paths.write_json(paths.join(workdir, "report.json"), report)
+    paths.write_json(dirs.report, report)
   print(comparison_table(report))
-  panels_dir = paths.join(workdir, "panels")
-  if jax.process_index() == 0:
-    n = _write_panels(s1, s1.data.eval_split, maps, panels_dir, num_classes)
-    _say(t0, f"{n} panels (image | ground truth | coarse | refined | repaired green / damaged "
-         f"red) of the test images refinement changed most and of random ones -> {panels_dir}")
+  if panels and jax.process_index() == 0:
+    n = _write_panels(s1, split, maps, dirs.panels, num_classes)
+    say(f"{n} panels (image | ground truth | coarse | refined | repaired green / damaged red) "
+        f"of the test images refinement changed most and of random ones -> {dirs.panels}")
   stages.update()
   stages.close()
-  _say(t0, f"report -> {paths.join(workdir, 'report.json')}")
+  say(f"report -> {dirs.report}")
+  return report
 
 
 def demo_settings(s1, s2) -> dict:
