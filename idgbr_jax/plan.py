@@ -6,8 +6,9 @@ their `NamedSharding`s, and each program is `jax.jit(...).lower(...).compile()`d
 functions the trainers and `idgbr refine` jit:
 
 * `stage1`: Stage I's train step (`train.stage1.make_train_step`), state donated;
-* `stage2`: Stage II's train step (`train.stage2.make_train_step`) for the REPA warm-up, the
-  DINOv2 teacher among the frozen arguments (a config without a teacher has only this one);
+* `stage2`: Stage II's first train step (`train.stage2.make_train_step`): the REPA warm-up's,
+  the DINOv2 teacher among the frozen arguments; without a warm-up (no teacher, REPA off,
+  `repa.active_steps=0`) the step without it, as the trainer then never loads the teacher;
 * `stage2_after_warmup`: the step the trainer switches to after `repa.active_steps`
   (`with_teacher=False`: no teacher, no REPA branch; `repa.drop_teacher`, as the original
   deletes DINOv2); the trainable tree keeps the projector, so checkpoints are unchanged;
@@ -234,16 +235,19 @@ def batch_shards(mesh_shape: dict[str, int], rules) -> int:
 
 
 # ----- programs of a config ----------------------------------------------------------------------
+def _starts_with_teacher(config: ml_collections.ConfigDict) -> bool:
+  """Whether a Stage II config's trainer loads the DINOv2 teacher for its first step (as
+  `train.stage2.step_needs_teacher(ref, config, 1)`, from the config alone): a teacher, REPA
+  on and a warm-up of at least one step."""
+  return bool(config.model.get("teacher") and config.repa.enabled
+              and int(config.repa.active_steps) > 0)
+
+
 def _drops_teacher(config: ml_collections.ConfigDict) -> bool:
-  """Whether a Stage II config's trainer reaches the step without the teacher (as
-  `train.stage2.step_needs_teacher`, from the config alone): it has a teacher, REPA is on and
-  the run goes past the warm-up, or never needs the teacher (active_steps 0)."""
-  if not (config.model.get("teacher") and config.repa.enabled):
-    return False
-  warmup = int(config.repa.active_steps)
-  if warmup <= 0:
-    return True
-  return bool(config.repa.get("drop_teacher", True)) and config.num_train_steps > warmup
+  """Whether the trainer switches, after the warm-up, to a second step without the teacher:
+  it starts with one, `repa.drop_teacher` (default true) and the run goes past the warm-up."""
+  return (_starts_with_teacher(config) and bool(config.repa.get("drop_teacher", True))
+          and config.num_train_steps > int(config.repa.active_steps))
 
 
 def programs_of(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -531,9 +535,9 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
       continue
     cfg = available[program]
     if program == "stage2_after_warmup" and not _drops_teacher(cfg):
-      notes.append("stage2_after_warmup: skipped, the config's trainer never runs it (no "
-                   "teacher, repa.drop_teacher=False, or num_train_steps <= repa.active_steps)"
-                   ": stage2 is its only step")
+      notes.append("stage2_after_warmup: skipped, the config's trainer never switches to it "
+                   "(no teacher, REPA off or no warm-up, repa.drop_teacher=False, or "
+                   "num_train_steps <= repa.active_steps): stage2 is its only step")
       continue
     rules = tuple(cfg.sharding_rules)
     shape = mesh_shape_for(cfg, mesh, len(target.devices))
@@ -552,8 +556,10 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
     elif program == "refine":
       fn, args, loop = refine_program(cfg, the_mesh, rules, batch)
     else:
+      # `stage2` is the trainer's first step: with the teacher only if it loads one.
       fn, args = stage2_program(cfg, the_mesh, rules, batch,
-                                after_warmup=program == "stage2_after_warmup")
+                                after_warmup=(program == "stage2_after_warmup"
+                                              or not _starts_with_teacher(cfg)))
     compiled, oom = compile_program(fn, args, the_mesh, rules, target.platform)
     memory = compiled.memory_analysis()
     peak = peak_bytes(memory)

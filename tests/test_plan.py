@@ -153,6 +153,15 @@ def test_stage2_programs():
   config.repa.drop_teacher = False
   _, notes = plan.plan(config, plan.local_target(), programs=["stage2_after_warmup"])
   assert notes and "stage2_after_warmup: skipped" in notes[0]
+  # No warm-up (repa.active_steps=0): the trainer never loads the teacher, so its one step,
+  # `stage2`, is the step without it (was: the warm-up step, teacher's bytes counted).
+  config = _stage2()
+  config.repa.active_steps = 0
+  records, notes = plan.plan(config, plan.local_target(), mesh={"fsdp": 8}, batch_per_chip=1,
+                             programs=["stage2", "stage2_after_warmup"])
+  assert [r.program for r in records] == ["stage2"]
+  assert "stage2_after_warmup: skipped" in notes[0]
+  assert records[0].argument_bytes == by["stage2_after_warmup"].argument_bytes
 
 
 @pytest.mark.slow
