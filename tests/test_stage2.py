@@ -249,6 +249,36 @@ def test_trainer_drops_the_teacher_after_the_warmup(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_trainer_compiles_the_refine_function_once_for_all_evaluations(tmp_path, monkeypatch):
+  """Evaluations and their panels share one refine function (one trace and compile per run);
+  the last evaluation's numbers are those of a freshly built one."""
+  config = small_config()
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.coarse_dir = str(tmp_path / "coarse")
+  for split in ("train", "test"):
+    _write_split(config, split, config.data.coarse_dir, lambda l: np.roll(l, 1, axis=0))
+  config.num_train_steps = 2
+  config.checkpoint_every_steps = 2
+  config.eval_every_steps = 1
+  config.num_eval_panels = 1
+  built = []
+  real = refine_lib.make_refine_fn
+
+  def spy(*args, **kw):
+    built.append(kw.get("autoencode_only", False))
+    return real(*args, **kw)
+  monkeypatch.setattr(refine_lib, "make_refine_fn", spy)
+  out = stage2.train_and_evaluate(copy.deepcopy(config), str(tmp_path / "run"))
+  monkeypatch.undo()
+  assert built == [False]  # two evaluations, two panel sets, one refine function
+  assert sorted(os.listdir(tmp_path / "run" / "panels")) == ["step_1", "step_2"]
+  again = refine_lib.evaluate(out["refiner"], out["state"]["params"], out["frozen"], config,
+                              out["mesh"])
+  for key in ("miou", "wf_min", "wf_mean", "biou"):
+    assert out["eval"]["refined"][key] == again["refined"][key], key
+
+
+@pytest.mark.slow
 def test_frozen_weights_in_bfloat16(single):
   """`model.frozen_dtype=bfloat16` stores the frozen weights (not the text context) in bf16:
   the float32 values rounded. Layers compute in float32 from them, so the step's loss moves by

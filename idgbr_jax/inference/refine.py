@@ -198,13 +198,17 @@ def eval_split_dataset(config, split: str | None = None, max_examples: int = 0):
                                coarse_dir=assembly.coarse_dir_for(config, split), indices=indices)
 
 
-def evaluate(ref, trainable, frozen, config, mesh, split: str | None = None) -> dict[str, Any]:
+def evaluate(ref, trainable, frozen, config, mesh, split: str | None = None, *,
+             refine_fn=None) -> dict[str, Any]:
   """Refines a split and returns the evaluation suite's report for refined and coarse maps (the
   refined one with the repair analysis of class 1 against the coarse maps). Computed on the
-  mesh: the maps stay sharded, only per-image statistics reach the hosts (`metrics.mesh`)."""
+  mesh: the maps stay sharded, only per-image statistics reach the hosts (`metrics.mesh`).
+  `refine_fn` (from `make_refine_fn` for these params' shardings) lets a caller that
+  evaluates repeatedly, as a trainer does, trace and compile it once."""
   from idgbr_jax.metrics import mesh as mesh_metrics  # pylint: disable=import-outside-toplevel
-  refine_fn = make_refine_fn(ref, config, mesh, jax.tree.map(lambda x: x.sharding, trainable),
-                             jax.tree.map(lambda x: x.sharding, frozen))
+  if refine_fn is None:
+    refine_fn = make_refine_fn(ref, config, mesh, jax.tree.map(lambda x: x.sharding, trainable),
+                               jax.tree.map(lambda x: x.sharding, frozen))
   ds = eval_split_dataset(config, split, config.get("eval_max_examples", 0))
   kwargs = sources.eval_kwargs(config.data, sources.num_classes(config.data))
   refined_eval = mesh_metrics.MeshEvaluator(**kwargs, repair_class=1)

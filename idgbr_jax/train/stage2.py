@@ -250,22 +250,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                     writer=writer)
   guard = common.NonFiniteGuard(config, ckpt.directory)
   last_eval: dict[str, Any] = {}
-  panel_fn = {}  # the panels' refine function, built (compiled) at the first evaluation
+  # The refine function (evaluation and panels), built at the first evaluation and reused: one
+  # trace and compile per run, not per evaluation.
+  refine_fns = {}
 
   def evaluate(step: int, params) -> dict[str, Any]:
     """Refined and coarse reports' scalars and the panels (pictures) at `step`; after the last
     step also `<workdir>/final_eval.json`."""
     # Refinement never reads the teacher: the same tree before and after it is dropped.
     frozen_r = {k: v for k, v in frozen.items() if k != "teacher"}
-    report = refine.evaluate(ref, params, frozen_r, config, mesh)
-    writer.write_scalars(step, common.report_scalars(report, "eval"))
-    if common.num_eval_panels(config):
-      if "fn" not in panel_fn:
-        panel_fn["fn"] = refine.make_refine_fn(ref, config, mesh,
+    if "fn" not in refine_fns:
+      refine_fns["fn"] = refine.make_refine_fn(ref, config, mesh,
                                                jax.tree.map(lambda x: x.sharding, params),
                                                jax.tree.map(lambda x: x.sharding, frozen_r))
+    report = refine.evaluate(ref, params, frozen_r, config, mesh, refine_fn=refine_fns["fn"])
+    writer.write_scalars(step, common.report_scalars(report, "eval"))
+    if common.num_eval_panels(config):
       common.write_eval_panels(writer, workdir, step,
-                               eval_panels(panel_fn["fn"], params, frozen_r, config, mesh))
+                               eval_panels(refine_fns["fn"], params, frozen_r, config, mesh))
     if step == config.num_train_steps:
       common.write_final_eval(workdir, step, report)
     return report
