@@ -504,6 +504,22 @@ def flops_of(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
+def _multislice_notes(available: dict[str, ml_collections.ConfigDict], chips: int) -> list[str]:
+  """A config whose `dcn_mesh_shape` spans several slices is planned as one slice: its
+  `mesh_shape` is per slice, and each chip of every slice runs the same program as long as the
+  per-chip batch is the same (data parallelism across slices, the usual layout)."""
+  notes = []
+  for cfg in {id(c): c for c in available.values()}.values():
+    dcn = {a: int(v) for a, v in cfg.get("dcn_mesh_shape", {}).items()}
+    if any(v > 1 for v in dcn.values()):
+      notes.append(
+          f"config.dcn_mesh_shape={dcn}: planned as one slice of {chips} chips (mesh_shape is "
+          "per slice). Across slices over data, each chip holds what is planned here; an fsdp "
+          "or tensor axis across slices would shard further (not modelled), and the "
+          "cross-slice (DCN) gradient traffic is not counted")
+  return notes
+
+
 def default_batch(config, program: str, shards: int) -> tuple[int, str]:
   """Per-chip batch from the config: `batch_size` (train) / `eval_batch_size` (refine) over the
   batch shards, rounded up to one."""
@@ -528,6 +544,7 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
   if batch_per_chip is not None and batch_per_chip < 1:
     raise ValueError(f"--batch_per_chip={batch_per_chip} must be >= 1")
   records, notes = [], []
+  notes.extend(_multislice_notes(available, len(target.devices)))
   for program in wanted:
     if program not in available:
       notes.append(f"{program}: skipped, not a program of this config (it has "

@@ -178,6 +178,18 @@ def test_refine_flops_count_every_denoiser_call():
   np.testing.assert_allclose(flops[5] - flops[3], 2 * per_call, rtol=1e-6)
 
 
+def test_a_multislice_config_is_planned_as_one_slice_with_a_note():
+  config = _stage1()
+  one = _one(config, "stage1", mesh={"data": 8}, batch_per_chip=1)
+  config.dcn_mesh_shape.data = 2
+  records, notes = plan.plan(config, plan.local_target(), mesh={"data": 8}, batch_per_chip=1)
+  assert len(notes) == 1 and "config.dcn_mesh_shape={'data': 2, 'fsdp': 1, 'tensor': 1}" in \
+      notes[0] and "one slice of 8 chips" in notes[0]
+  # Each chip of a slice: the same program, the same bytes.
+  assert records[0].peak_bytes_per_chip == one.peak_bytes_per_chip
+  assert records[0].argument_bytes == one.argument_bytes
+
+
 def test_programs_of_a_config():
   assert list(plan.programs_of(_stage1())) == ["stage1"]
   assert list(plan.programs_of(_stage2())) == ["stage2", "stage2_after_warmup", "refine"]
