@@ -41,7 +41,7 @@ def _assert_same_final(a, b):
       np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
-def _interrupted_runs_match(stage, tmp_path, data_args, steps):
+def _assert_interrupted_runs_match(stage, tmp_path, data_args, steps):
   full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
   _drive(stage, full, *data_args, f"--steps={steps}")
 
@@ -65,7 +65,7 @@ def _interrupted_runs_match(stage, tmp_path, data_args, steps):
 
 
 def test_stage1_sigterm_and_kill_resume_bit_identical(tmp_path):
-  _interrupted_runs_match("stage1", tmp_path, (str(tmp_path / "tfds"),), steps=10)
+  _assert_interrupted_runs_match("stage1", tmp_path, (str(tmp_path / "tfds"),), steps=10)
 
 
 def test_stage2_sigterm_and_kill_resume_bit_identical(tmp_path):
@@ -74,4 +74,4 @@ def test_stage2_sigterm_and_kill_resume_bit_identical(tmp_path):
   config.data.data_dir = str(tmp_path / "tfds")
   coarse = str(tmp_path / "coarse")
   _write_split(config, "train", coarse, lambda l: np.roll(l, 1, axis=0))
-  _interrupted_runs_match("stage2", tmp_path, (config.data.data_dir, coarse), steps=8)
+  _assert_interrupted_runs_match("stage2", tmp_path, (config.data.data_dir, coarse), steps=8)
