@@ -2,7 +2,7 @@
 
   python bench/claim.py [--workdir=workdir/claim] [--backbones=unet,deeplabv3plus,segformer]
       [--variants=full,no_rough,no_align,cubic] [--output=claim.json] [--markdown=claim.md]
-      [--config_arg=...]
+      [--config_arg=...] [--set=stage2.num_train_steps=3000 ...]
 
 On the demo's data (synthetic_rs/binary_roads, 64 px, 256 train / 64 test) with the demo's
 faithful settings (`configs/demo.py`: refinement from pure noise, strength 1, DDIM with
@@ -23,8 +23,10 @@ autoencoder only) per backbone.
 Shared between runs: the dataset, the label embedding and the autoencoder (`<workdir>/`); per
 backbone: Stage I and its coarse maps (`<workdir>/<backbone>/`); per variant: Stage II, its
 maps and `report.json` (`<workdir>/<backbone>/<variant>/`). Resumable: a run whose report
-exists is read, not redone; a stopped run resumes from its last checkpoint. ~2 h on 2 CPU
-cores (12 Stage II runs; README "The claim at small scale" has a measured run).
+exists is read, not redone; a stopped run resumes from its last checkpoint. A workdir holds
+one setting (`--config_arg` and `--set`, recorded in `<workdir>/claim_args.json`): other
+settings need another workdir. ~1 h 20 min on 2 CPU cores at the demo's settings (12 Stage II
+runs of 1500 steps; README "The paper's claim at small scale" has a measured run).
 """
 from __future__ import annotations
 
@@ -61,13 +63,43 @@ def run_dirs(workdir: str, backbone: str, variant: str):
       labels=os.path.join(b, "labels"), autoencoded=os.path.join(b, "autoencoded"))
 
 
-def run_config(backbone: str, variant: str, extra_arg: str = ""):
+def _typed(config, key: str, text: str):
+  """`text` as the type of the config's value at dotted `key` (an unknown key is an error)."""
+  node = config
+  *parents, leaf = key.split(".")
+  for name in parents:
+    if name not in node:
+      raise ValueError(f"--set {key}={text}: the demo config has no key {key!r}")
+    node = node[name]
+  if leaf not in node:
+    raise ValueError(f"--set {key}={text}: the demo config has no key {key!r}")
+  old = node[leaf]
+  if isinstance(old, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"--set {key}={text}: expected true or false")
+    return text.lower() in ("true", "1")
+  try:
+    return type(old)(text) if isinstance(old, (int, float, str)) else text
+  except ValueError as e:
+    raise ValueError(f"--set {key}={text}: {e} (the config has {old!r})") from e
+
+
+def run_config(backbone: str, variant: str, extra_arg: str = "", sets=()):
+  """The demo config of one run; `sets`: ("stage2.num_train_steps", "3000") pairs on top."""
   from idgbr_configs import demo as demo_config  # pylint: disable=import-outside-toplevel
   arg = f"backbone={backbone},ablation={variant}" + (f",{extra_arg}" if extra_arg else "")
-  return demo_config.get_config(arg)
+  config = demo_config.get_config(arg)
+  for key, text in sets:
+    value = _typed(config, key, text)
+    node = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
 
 
-def run_one(workdir: str, backbone: str, variant: str, extra_arg: str = "") -> dict:
+def run_one(workdir: str, backbone: str, variant: str, extra_arg: str = "", sets=()) -> dict:
   """One run's report: read when it exists, else the demo pipeline runs (resuming)."""
   from idgbr_jax.commands import demo  # pylint: disable=import-outside-toplevel
   dirs = run_dirs(workdir, backbone, variant)
@@ -77,7 +109,25 @@ def run_one(workdir: str, backbone: str, variant: str, extra_arg: str = "") -> d
   t0 = time.time()
   say = lambda msg: print(f"[claim {backbone}/{variant} {time.time() - t0:5.0f}s] {msg}",  # noqa: E731
                           flush=True)
-  return demo.run(run_config(backbone, variant, extra_arg), dirs, say=say, panels=False)
+  return demo.run(run_config(backbone, variant, extra_arg, sets), dirs, say=say, panels=False)
+
+
+def check_workdir_settings(workdir: str, extra_arg: str, sets) -> None:
+  """A workdir holds runs of one setting: its first invocation records `--config_arg` and
+  `--set` in `<workdir>/claim_args.json`; another setting is an error (nothing is changed),
+  so resumed and read runs never mix settings."""
+  path = os.path.join(workdir, "claim_args.json")
+  mine = {"config_arg": extra_arg, "set": sorted(f"{k}={v}" for k, v in sets)}
+  if os.path.exists(path):
+    with open(path) as f:
+      theirs = json.load(f)
+    if theirs != mine:
+      raise ValueError(f"{workdir} holds runs made with {theirs} ({path}), not {mine}: give "
+                       "another --workdir for these settings (nothing was changed)")
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(mine, f)
 
 
 def summarize(reports: dict[str, dict[str, dict]]) -> dict:
@@ -133,6 +183,9 @@ def main():
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--config_arg", default="",
                       help="more `configs/demo.py` args, e.g. runlocal (a smoke-test size)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a demo config value for every run, e.g. "
+                           "stage2.num_train_steps=3000 (repeatable)")
   parser.add_argument("--output", default="", help="JSON (default <workdir>/claim.json)")
   parser.add_argument("--markdown", default="", help="also write the table to this file")
   args = parser.parse_args()
@@ -144,12 +197,24 @@ def main():
   for v in variants:
     if v not in VARIANTS:
       parser.error(f"--variants: unknown {v!r}; allowed: {', '.join(VARIANTS)}")
+  sets = []
+  for item in args.set:
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. stage2.num_train_steps=3000")
+    sets.append((key.strip(), value.strip()))
+  try:
+    for b in backbones:
+      run_config(b, variants[0], args.config_arg, sets)  # bad keys / values before any work
+    check_workdir_settings(args.workdir, args.config_arg, sets)
+  except ValueError as e:
+    parser.error(str(e))
   from absl import flags  # pylint: disable=import-outside-toplevel
   from idgbr_jax.commands import _runtime  # pylint: disable=import-outside-toplevel
   flags.FLAGS.mark_as_parsed()  # the commands' absl flags (multi-host ones) at their defaults
   _runtime.setup()
   t0 = time.time()
-  reports = {b: {v: run_one(args.workdir, b, v, args.config_arg) for v in variants}
+  reports = {b: {v: run_one(args.workdir, b, v, args.config_arg, sets) for v in variants}
              for b in backbones}
   summary = summarize(reports)
   table = markdown(summary)

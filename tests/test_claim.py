@@ -69,6 +69,34 @@ def test_unknown_backbone_or_variant_is_an_error_that_names_it(tmp_path):
     assert not os.listdir(tmp_path)  # nothing ran
 
 
+def test_set_values_take_the_configs_types_and_bad_keys_are_errors(tmp_path):
+  claim = _claim()
+  config = claim.run_config("unet", "full", "runlocal", [("stage2.num_train_steps", "7"),
+                                                          ("stage2.optim.learning_rate", "2e-3"),
+                                                          ("stage2.latent_cache", "false")])
+  assert config.stage2.num_train_steps == 7 and config.stage2.optim.learning_rate == 2e-3
+  assert config.stage2.latent_cache is False
+  for item, message in (("stage2.no_such=1", "no key 'stage2.no_such'"),
+                        ("stage2.num_train_steps=abc", "the config has 1500"),
+                        ("stage2num_train_steps", "expected KEY=VALUE")):
+    res = subprocess.run([sys.executable, os.path.join(REPO, "bench", "claim.py"),
+                          f"--workdir={tmp_path / 'w'}", f"--set={item}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and message in res.stderr, res.stderr
+    assert not (tmp_path / "w").exists()  # nothing ran, nothing written
+
+
+def test_a_workdir_holds_runs_of_one_setting(tmp_path):
+  claim = _claim()
+  claim.check_workdir_settings(str(tmp_path), "", [("stage2.num_train_steps", "3000")])
+  claim.check_workdir_settings(str(tmp_path), "", [("stage2.num_train_steps", "3000")])  # same
+  with pytest.raises(ValueError, match="holds runs made with .*num_train_steps=3000.*another "
+                     "--workdir"):
+    claim.check_workdir_settings(str(tmp_path), "", [])
+  with open(tmp_path / "claim_args.json") as f:
+    assert json.load(f) == {"config_arg": "", "set": ["stage2.num_train_steps=3000"]}
+
+
 @pytest.mark.slow
 def test_claim_runlocal_runs_then_resumes_from_its_reports(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
