@@ -25,7 +25,7 @@ backbone: Stage I and its coarse maps (`<workdir>/<backbone>/`); per variant: St
 maps and `report.json` (`<workdir>/<backbone>/<variant>/`). Resumable: a run whose report
 exists is read, not redone; a stopped run resumes from its last checkpoint. A workdir holds
 one setting (`--config_arg` and `--set`, recorded in `<workdir>/claim_args.json`): other
-settings need another workdir. ~1 h 20 min on 2 CPU cores at the demo's settings (12 Stage II
+settings need another workdir. ~1 h on 2 CPU cores at the demo's settings (12 Stage II
 runs of 1500 steps; README "The paper's claim at small scale" has a measured run).
 """
 from __future__ import annotations
