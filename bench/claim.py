@@ -107,8 +107,9 @@ def run_one(workdir: str, backbone: str, variant: str, extra_arg: str = "", sets
     with open(dirs.report) as f:
       return json.load(f)
   t0 = time.time()
-  say = lambda msg: print(f"[claim {backbone}/{variant} {time.time() - t0:5.0f}s] {msg}",  # noqa: E731
-                          flush=True)
+
+  def say(msg):
+    print(f"[claim {backbone}/{variant} {time.time() - t0:5.0f}s] {msg}", flush=True)
   return demo.run(run_config(backbone, variant, extra_arg, sets), dirs, say=say, panels=False)
 
 

@@ -144,7 +144,8 @@ def run(config, dirs: DemoDirs, *, say=print, panels: bool = True) -> dict:
   stages.update()
 
   split = s2.data.eval_split
-  refined_dir, autoencoded_dir = paths.join(dirs.refined, split), paths.join(dirs.autoencoded, split)
+  refined_dir = paths.join(dirs.refined, split)
+  autoencoded_dir = paths.join(dirs.autoencoded, split)
   label_dir = paths.join(dirs.labels, split)
   ref, mesh = out["refiner"], out["mesh"]
   trainable, frozen = out["state"]["params"], out["frozen"]
