@@ -235,19 +235,16 @@ def batch_shards(mesh_shape: dict[str, int], rules) -> int:
 
 
 # ----- programs of a config ----------------------------------------------------------------------
-def _starts_with_teacher(config: ml_collections.ConfigDict) -> bool:
-  """Whether a Stage II config's trainer loads the DINOv2 teacher for its first step (as
-  `train.stage2.step_needs_teacher(ref, config, 1)`, from the config alone): a teacher, REPA
-  on and a warm-up of at least one step."""
-  return bool(config.model.get("teacher") and config.repa.enabled
-              and int(config.repa.active_steps) > 0)
-
-
-def _drops_teacher(config: ml_collections.ConfigDict) -> bool:
-  """Whether the trainer switches, after the warm-up, to a second step without the teacher:
-  it starts with one, `repa.drop_teacher` (default true) and the run goes past the warm-up."""
-  return (_starts_with_teacher(config) and bool(config.repa.get("drop_teacher", True))
-          and config.num_train_steps > int(config.repa.active_steps))
+def _teacher_use(config: ml_collections.ConfigDict) -> tuple[bool, bool]:
+  """(the trainer's first step holds the DINOv2 teacher, it switches to the step without it
+  later): the trainer's own rule, `train.stage2.step_needs_teacher`, at step 1 and at the
+  run's last step."""
+  from idgbr_jax.assembly import stage2 as assembly  # pylint: disable=import-outside-toplevel
+  from idgbr_jax.data import sources  # pylint: disable=import-outside-toplevel
+  from idgbr_jax.train import stage2  # pylint: disable=import-outside-toplevel
+  ref = assembly.build_refiner(config, sources.num_classes(config.data))
+  first = stage2.step_needs_teacher(ref, config, 1)
+  return first, first and not stage2.step_needs_teacher(ref, config, config.num_train_steps)
 
 
 def programs_of(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -551,7 +548,9 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
                    f"{', '.join(available)})")
       continue
     cfg = available[program]
-    if program == "stage2_after_warmup" and not _drops_teacher(cfg):
+    starts_with_teacher, drops_teacher = (_teacher_use(cfg) if program.startswith("stage2")
+                                          else (False, False))
+    if program == "stage2_after_warmup" and not drops_teacher:
       notes.append("stage2_after_warmup: skipped, the config's trainer never switches to it "
                    "(no teacher, REPA off or no warm-up, repa.drop_teacher=False, or "
                    "num_train_steps <= repa.active_steps): stage2 is its only step")
@@ -576,7 +575,7 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
       # `stage2` is the trainer's first step: with the teacher only if it loads one.
       fn, args = stage2_program(cfg, the_mesh, rules, batch,
                                 after_warmup=(program == "stage2_after_warmup"
-                                              or not _starts_with_teacher(cfg)))
+                                              or not starts_with_teacher))
     compiled, oom = compile_program(fn, args, the_mesh, rules, target.platform)
     memory = compiled.memory_analysis()
     peak = peak_bytes(memory)
