@@ -592,6 +592,9 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
                "model.remat": bool(cfg.model.get("remat", False))}
     if program != "stage1":
       options["model.frozen_dtype"] = str(cfg.model.get("frozen_dtype", "float32"))
+    if target.platform == "tpu":
+      # What TPU's compiler was started with (`xla_flags.TPU_DEFAULT_FLAGS`, as `idgbr train`).
+      options["LIBTPU_INIT_ARGS"] = os.environ.get("LIBTPU_INIT_ARGS", "")
     flops = flops_of(compiled)
     if loop is not None and loop[2] > 1:
       # XLA counts the sampling loop's body once: add the other calls of the denoiser.

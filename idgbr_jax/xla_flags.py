@@ -1,16 +1,31 @@
-"""XLA settings this project applies by default, through XLA_FLAGS, before JAX starts.
+"""XLA settings this project applies by default, through XLA_FLAGS (and LIBTPU_INIT_ARGS for
+TPU's compiler), before JAX starts.
 
 Importing this module does not import JAX: call `apply_defaults()` first thing in an entry point
 (the `idgbr` command, the benchmarks and the tests do), because XLA reads XLA_FLAGS once, when
-its first backend starts.
+its first backend starts, and libtpu reads LIBTPU_INIT_ARGS once, when it loads.
 
 `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions) sends the CPU backend's
 convolutions and matrix products back to its default kernels. With jaxlib 0.10.2 on this
 project's 2-core x86 CPU that made the Stage II train step 1.15-1.3x and refinement 1.6x faster
 (`bench/bench_stage2.py`, same run conditions) and left the metrics unchanged; numbers agree with
 the YNNPACK path to float rounding. It only concerns the CPU backend, so GPU/TPU hosts are
-unaffected. A flag the user already put in XLA_FLAGS wins; `IDGBR_XLA_DEFAULTS=0` turns all of
-this off.
+unaffected.
+
+On TPU, `TPU_DEFAULT_FLAGS` turn off XLA's "windowed einsum" (collective matmul) for
+all-gathers and reduce-scatters. libtpu 0.0.42 applies it by default to every matmul and
+convolution whose weight is sharded, as all of them are under FSDP (the sd15 configs'
+`fsdp=-1`): each becomes a loop of collective-permutes and partial products, unrolled, and the
+program grows with it. Compiled for a v5e-8 from this project's 2-core, 24 GiB host, the sd15
+Stage II step never finished (over 21 GiB of host memory after 20-30 min); the tiny Stage I
+step under fsdp=8 took 112 s instead of 14 s. Without it each weight is all-gathered whole
+before its layer and its gradient reduce-scattered after, the usual FSDP program, whose
+collectives XLA's latency-hiding scheduler overlaps with compute. What it does to step time on
+a real TPU is not measured here (no TPU); `idgbr plan` compiles with the same flags as
+`idgbr train`, so its figures describe the program that runs.
+
+A flag the user already put in XLA_FLAGS or LIBTPU_INIT_ARGS wins; `IDGBR_XLA_DEFAULTS=0` turns
+all of this off.
 
 `idgbr evaluate` also asks for one CPU device per core (`cpu_device_flags`): evaluation is
 image-parallel, and `evaluate_maps` runs one map per device side by side, which uses the cores
@@ -23,6 +38,8 @@ import os
 from typing import MutableMapping
 
 DEFAULT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+TPU_DEFAULT_FLAGS = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false",
+                     "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
 
 
 def usable_cores() -> int:
@@ -48,15 +65,20 @@ def cpu_device_flags(count: int | None = None) -> tuple[str, ...]:
 
 def apply_defaults(environ: MutableMapping[str, str] | None = None,
                    extra: tuple[str, ...] = ()) -> str:
-  """Adds each of DEFAULT_FLAGS (and `extra`) to XLA_FLAGS unless that flag is already set;
-  returns XLA_FLAGS."""
+  """Adds each of DEFAULT_FLAGS (and `extra`) to XLA_FLAGS and each of TPU_DEFAULT_FLAGS to
+  LIBTPU_INIT_ARGS, unless that flag is already set there; returns XLA_FLAGS."""
   environ = os.environ if environ is None else environ
-  flags = environ.get("XLA_FLAGS", "")
   if environ.get("IDGBR_XLA_DEFAULTS", "1") == "0":
-    return flags
-  for flag in DEFAULT_FLAGS + tuple(extra):
-    name = flag.split("=", 1)[0]
-    if name not in flags:
+    return environ.get("XLA_FLAGS", "")
+  environ["LIBTPU_INIT_ARGS"] = _merged(environ.get("LIBTPU_INIT_ARGS", ""), TPU_DEFAULT_FLAGS)
+  environ["XLA_FLAGS"] = _merged(environ.get("XLA_FLAGS", ""), DEFAULT_FLAGS + tuple(extra))
+  return environ["XLA_FLAGS"]
+
+
+def _merged(flags: str, defaults: tuple[str, ...]) -> str:
+  """`flags` plus each default whose name it does not already set."""
+  names = {f.split("=", 1)[0] for f in flags.split()}
+  for flag in defaults:
+    if flag.split("=", 1)[0] not in names:
       flags = f"{flags} {flag}".strip()
-  environ["XLA_FLAGS"] = flags
   return flags

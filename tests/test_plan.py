@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from idgbr_configs import stage1_synthetic, stage2_synthetic
-from idgbr_jax import plan
+from idgbr_jax import plan, xla_flags
 from idgbr_jax.parallel import sharding
 
 REPO = str(pathlib.Path(__file__).resolve().parents[1])
@@ -283,6 +283,16 @@ for topology, mesh in (("v5e:2x4", {"data": 8}), ("v4:2x2x1", {"data": 4})):
                    "direct": [mem.argument_size_in_bytes, mem.temp_size_in_bytes,
                               mem.output_size_in_bytes, mem.alias_size_in_bytes,
                               plan.peak_bytes(mem), plan.flops_of(compiled)]}
+# Under fsdp=8 every conv's weight is sharded: with libtpu's windowed einsum (which
+# xla_flags.TPU_DEFAULT_FLAGS turn off) each becomes a loop of collective-permutes.
+config = stage1_synthetic.get_config("runlocal")
+target = plan.tpu_target("v5e:2x4")
+m = sharding.make_mesh({"fsdp": 8}, devices=target.devices)
+rules = tuple(config.sharding_rules)
+fn, args = plan.stage1_program(config, m, rules, 16)
+compiled, _ = plan.compile_program(fn, args, m, rules, "tpu")
+text = compiled.as_text()
+out["fsdp8"] = {op: text.count(" " + op + "(") for op in ("collective-permute", "all-gather")}
 json.dump(out, sys.stdout)
 """
 
@@ -306,3 +316,8 @@ def test_tpu_topologies_match_memory_analysis():
   assert v5e["record"]["hbm_bytes_per_chip"] == 16 * 10**9
   assert v4["record"]["hbm_bytes_per_chip"] == 32 * 2**30
   assert v5e["record"]["images_per_step"] == 16 and v4["record"]["images_per_step"] == 8
+  # The planner compiles with the project's libtpu flags (conftest applied them, as `idgbr`
+  # does), and they take: fsdp's weights are all-gathered, no collective-matmul loops.
+  for flag in xla_flags.TPU_DEFAULT_FLAGS:
+    assert flag in v5e["record"]["options"]["LIBTPU_INIT_ARGS"]
+  assert out["fsdp8"]["collective-permute"] == 0 and out["fsdp8"]["all-gather"] > 0

@@ -21,6 +21,24 @@ def test_apply_defaults_adds_once_and_respects_the_user():
   assert xla_flags.apply_defaults(env) == "--xla_cpu_experimental_ynn_fusion_type=dot"
   env = {"IDGBR_XLA_DEFAULTS": "0"}
   assert xla_flags.apply_defaults(env) == "" and "XLA_FLAGS" not in env
+  assert "LIBTPU_INIT_ARGS" not in env
+
+
+def test_tpu_defaults_go_to_libtpu_and_respect_the_user():
+  env = {}
+  xla_flags.apply_defaults(env)
+  assert env["LIBTPU_INIT_ARGS"].split() == [
+      "--xla_tpu_enable_windowed_einsum_for_all_gather=false",
+      "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"]
+  assert "windowed" not in env["XLA_FLAGS"]  # XLA_FLAGS would reject a libtpu flag
+  xla_flags.apply_defaults(env)
+  assert len(env["LIBTPU_INIT_ARGS"].split()) == 2  # not added twice
+  # The user's own setting of one flag wins; the other default is still added.
+  env = {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_windowed_einsum_for_all_gather=true --foo=1"}
+  xla_flags.apply_defaults(env)
+  assert env["LIBTPU_INIT_ARGS"].split() == [
+      "--xla_tpu_enable_windowed_einsum_for_all_gather=true", "--foo=1",
+      "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"]
 
 
 def test_xla_accepts_the_flags_and_computes_the_same():
