@@ -25,6 +25,7 @@ BF16 = ["--config.model.dtype=bfloat16"]
 REMAT = ["--config.model.remat=True"]
 FROZEN16 = ["--config.model.frozen_dtype=bfloat16"]
 CHUNKED = ["--config.model.attention=chunked"]
+SPLIT = ["--config.split_step=True"]
 
 # name -> (program, mesh, batch per chip, extra flags); the mesh names sizes for 8 devices and
 # is scaled to the topology's device count.
@@ -44,6 +45,10 @@ ROWS = {
     "after_warmup_fsdp8_bf16_b2": ("stage2_after_warmup", "fsdp=-1", 2, BF16),
     "after_warmup_fsdp8_bf16_remat_frozen16_chunked_b2": ("stage2_after_warmup", "fsdp=-1", 2,
                                                           BF16 + REMAT + FROZEN16 + CHUNKED),
+    "split_fsdp8_bf16_remat_frozen16_b2": ("stage2", "fsdp=-1", 2,
+                                           BF16 + REMAT + FROZEN16 + SPLIT),
+    "after_warmup_split_fsdp8_bf16_remat_frozen16_b2": ("stage2_after_warmup", "fsdp=-1", 2,
+                                                        BF16 + REMAT + FROZEN16 + SPLIT),
     "refine_data8_b8": ("refine", "data=-1", 8, []),
     "refine_data8_b8_chunked": ("refine", "data=-1", 8, CHUNKED),
 }

@@ -126,6 +126,10 @@ def get_config(arg=None):
   # ours: encode every (example, flip/rot) with the frozen VAE once and draw latents from the
   # cached posterior moments (train/latent_cache.py): same draws, 3 VAE passes fewer per step.
   config.latent_cache = False
+  # ours: jit the train step as three programs (prepare, grads, apply; train/stage2.py
+  # SplitTrainStep), the same function: no single compile holds the whole step (the sd15 step
+  # whole needs more host memory to compile than 24 GiB).
+  config.split_step = False
   config.num_train_steps = 80000
   config.log_every_steps = 100
   config.eval_every_steps = 0              # N: every N steps and the end; 0: the end; -1: never

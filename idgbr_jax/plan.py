@@ -15,6 +15,11 @@ functions the trainers and `idgbr refine` jit:
 * `refine`: `inference.refine.make_refine_fn` (DDIM scan + Control-CFG), no projector, no
   teacher, as `idgbr refine` loads a run.
 
+With `config.split_step` the trainer runs a Stage II step as three programs (prepare, grads,
+apply: `train.stage2.SplitTrainStep`); each is compiled, and the step's peak per chip is the
+largest of a program's peak plus the trees the chip holds meanwhile (e.g. the AdamW moments
+during the gradient program).
+
 The target is a TPU topology (`v5e:2x4`, `v4:2x2x1`, ...: libtpu compiles for it without the
 hardware) or the local devices (a GPU host's GPUs; CPU devices for tests). Per program and chip
 the record gives XLA's buffer sizes (`compiled.memory_analysis()`), the peak, the chip's HBM and
@@ -401,8 +406,9 @@ def _stage2_trees(config, mesh, rules, *, with_teacher: bool, with_projector: bo
 
 
 def stage2_program(config, mesh, rules, batch: int, *, after_warmup: bool = False):
-  """(jitted step, abstract args) of Stage II's train step; `after_warmup`: the trainer's
-  step without the teacher (no REPA branch; the projector stays in the state)."""
+  """[(name, jitted, abstract args, trees the chip holds besides the args)] of Stage II's
+  train step: one program, or the trainer's three with `config.split_step`; `after_warmup`:
+  the trainer's step without the teacher (no REPA branch; the projector stays in the state)."""
   from idgbr_jax.assembly import stage2 as assembly  # pylint: disable=import-outside-toplevel
   from idgbr_jax.train import optim, stage2  # pylint: disable=import-outside-toplevel
   tx, lr_schedule = optim.make_optimizer(config.optim, config.num_train_steps)
@@ -422,6 +428,16 @@ def stage2_program(config, mesh, rules, batch: int, *, after_warmup: bool = Fals
                                 jnp.float32)
   batch_arrays, _ = _batch(mesh, rules, shapes)
   repl = sharding.replicated(mesh)
+  args = (state, _frozen_in(config, frozen), batch_arrays, _rng(mesh))
+  if config.get("split_step", False):
+    # The trainer's three programs (train.stage2.SplitTrainStep), each with what the chip
+    # holds besides its arguments meanwhile.
+    split = stage2.jit_train_step(ref, tx, lr_schedule, assembly.make_schedule(config), config,
+                                  mesh, rules, state_sh, f_sh,
+                                  stage2.batch_shardings(mesh, rules, cached_keys),
+                                  with_teacher=not after_warmup)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+      return split.programs(*args)
   # keep_unused: the step never reads some frozen weights (the VAE decoder), which jit would
   # drop from the compiled program's arguments; the trainer holds them on the chip all the same.
   step = jax.jit(stage2.make_train_step(ref, tx, lr_schedule, assembly.make_schedule(config),
@@ -429,7 +445,7 @@ def stage2_program(config, mesh, rules, batch: int, *, after_warmup: bool = Fals
                  in_shardings=(state_sh, f_sh, stage2.batch_shardings(mesh, rules, cached_keys),
                                repl),
                  out_shardings=(state_sh, repl), donate_argnums=(0,), keep_unused=True)
-  return step, (state, _frozen_in(config, frozen), batch_arrays, _rng(mesh))
+  return [("step", step, args, ())]
 
 
 def refine_program(config, mesh, rules, batch: int):
@@ -484,6 +500,16 @@ def compile_program(fn, args, mesh, rules, platform: str):
       raise
     message = str(e).splitlines()[0]
   return lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True}), message
+
+
+def tree_bytes_per_chip(trees) -> int:
+  """Bytes one chip holds of abstract arrays with shardings (the largest shard where shards
+  differ in size)."""
+  total = 0
+  for x in jax.tree.leaves(trees):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return int(total)
 
 
 def peak_bytes(memory) -> int:
@@ -568,17 +594,33 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
     log(f"compiling {program} for {target.name}, mesh {shape}, {per_chip} per chip ...")
     loop = None
     if program == "stage1":
-      fn, args = stage1_program(cfg, the_mesh, rules, batch)
+      pieces = [("step", *stage1_program(cfg, the_mesh, rules, batch), ())]
     elif program == "refine":
       fn, args, loop = refine_program(cfg, the_mesh, rules, batch)
+      pieces = [("refine", fn, args, ())]
     else:
       # `stage2` is the trainer's first step: with the teacher only if it loads one.
-      fn, args = stage2_program(cfg, the_mesh, rules, batch,
-                                after_warmup=(program == "stage2_after_warmup"
-                                              or not starts_with_teacher))
-    compiled, oom = compile_program(fn, args, the_mesh, rules, target.platform)
-    memory = compiled.memory_analysis()
-    peak = peak_bytes(memory)
+      pieces = stage2_program(cfg, the_mesh, rules, batch,
+                              after_warmup=(program == "stage2_after_warmup"
+                                            or not starts_with_teacher))
+    # A step in several programs (config.split_step) needs, per chip, the largest of each
+    # program's peak plus what the chip holds besides its arguments meanwhile.
+    measured, ooms, flops = [], [], 0.0
+    for name, fn, args, others in pieces:
+      if len(pieces) > 1:
+        log(f"  program {name} ...")
+      compiled, oom = compile_program(fn, args, the_mesh, rules, target.platform)
+      memory = compiled.memory_analysis()
+      measured.append((peak_bytes(memory) + tree_bytes_per_chip(others), name, memory))
+      ooms += [f"{name}: {oom}" if len(pieces) > 1 else oom] if oom else []
+      flops += flops_of(compiled)
+      del compiled
+    peak, _, memory = max(measured, key=lambda m: m[0])
+    if len(pieces) > 1:
+      note = "; ".join(filter(None, [note, "config.split_step: the step is " + ", ".join(
+          f"{n} {p / GiB:.2f} GiB" for p, n, _ in measured) + " (each program's peak plus what "
+          "the chip holds meanwhile); bytes columns are the largest one's"]))
+    oom = "; ".join(ooms)
     fits = None
     if target.hbm_bytes is not None:
       fits = not oom and peak <= target.hbm_bytes
@@ -595,7 +637,6 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
     if target.platform == "tpu":
       # What TPU's compiler was started with (`xla_flags.TPU_DEFAULT_FLAGS`, as `idgbr train`).
       options["LIBTPU_INIT_ARGS"] = os.environ.get("LIBTPU_INIT_ARGS", "")
-    flops = flops_of(compiled)
     if loop is not None and loop[2] > 1:
       # XLA counts the sampling loop's body once: add the other calls of the denoiser.
       step, step_args, calls = loop
@@ -614,7 +655,7 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
         generated_code_bytes=int(memory.generated_code_size_in_bytes),
         peak_bytes_per_chip=peak, hbm_bytes_per_chip=target.hbm_bytes, fits=fits,
         flops_per_chip=flops, est_images_per_s_per_chip=estimate, options=options, note=note))
-    del compiled, fn, args
+    del pieces
   return records, notes
 
 

@@ -165,6 +165,37 @@ def test_stage2_programs():
 
 
 @pytest.mark.slow
+def test_split_step_is_planned_as_the_trainer_runs_it():
+  """With `config.split_step` the planner compiles the trainer's three programs
+  (`SplitTrainStep.programs`): the step's peak per chip is the largest of each program's own
+  peak plus the trees the chip holds meanwhile (the optimizer state during the gradient
+  program, ...), and its FLOPs are the three programs' sum, within 1 % of the one program's."""
+  config = _stage2()
+  one = _one(config, "stage2_after_warmup", mesh={"fsdp": 8}, batch_per_chip=1)
+  config.split_step = True
+  split = _one(config, "stage2_after_warmup", mesh={"fsdp": 8}, batch_per_chip=1)
+  assert "config.split_step: the step is prepare" in split.note
+  mesh = sharding.make_mesh({"fsdp": 8})
+  rules = tuple(config.sharding_rules)
+  pieces = plan.stage2_program(config, mesh, rules, 8, after_warmup=True)
+  assert [p[0] for p in pieces] == ["prepare", "grads", "apply"]
+  direct, flops = [], 0.0
+  for _, fn, args, others in pieces:
+    compiled, _ = plan.compile_program(fn, args, mesh, rules, "cpu")
+    held = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(others))
+    direct.append(plan.peak_bytes(compiled.memory_analysis()) + held)
+    flops += plan.flops_of(compiled)
+  assert split.peak_bytes_per_chip == max(direct)
+  # What the gradient program leaves on the chip: the optimizer state, not an argument of it.
+  grad_others = pieces[1][3]
+  assert len(grad_others) == 1 and jax.tree.structure(grad_others[0]) == jax.tree.structure(
+      pieces[2][2][0]["opt_state"])
+  assert split.flops_per_chip == flops
+  np.testing.assert_allclose(split.flops_per_chip, one.flops_per_chip, rtol=0.01)
+
+
+@pytest.mark.slow
 def test_refine_flops_count_every_denoiser_call():
   """XLA's cost analysis counts the DDIM loop's body once; the planner adds the other calls, so
   the refine FLOPs grow by one guided denoiser call per step."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -186,6 +187,56 @@ def test_step_without_teacher_is_the_warmup_step_after_the_warmup(single):
                                        extra_atol=numerics.ulps(params), err_msg="update")
   _, m_in = run(warmup_step, frozen, first_after - 1)
   assert abs(float(m_in["repa"])) > 1e-3  # the last warm-up step still has its REPA term
+
+
+@pytest.mark.slow
+def test_split_step_is_the_one_program_step():
+  """`config.split_step`: the trainer's step as three programs (prepare, grads, apply) on the
+  (data 4, fsdp 2) mesh is the one-program step: loss, REPA term, gradient and update agree to
+  float32 rounding, inside the REPA warm-up (teacher tokens computed in `prepare`) and after
+  it (the program without the teacher)."""
+  config = small_config(data=4, fsdp=2)
+  mesh = sharding.make_mesh(config.mesh_shape.to_dict())
+  rules = tuple(config.sharding_rules)
+  ref = refiner.Refiner(assembly.refiner_config(config, 6))
+  lr = optim.learning_rate_schedule(config.optim, config.num_train_steps)
+  tx = numerics.sgd_keeping_gradients(lr)  # Adam would amplify rounding (tests/numerics.py)
+  state, state_sh = stage2.init_state(ref, tx, config, mesh, rules)
+  frozen, f_sh = stage2.init_frozen(ref, config, state, state_sh, mesh, rules)
+  params = jax.device_get(state["params"])
+  # Non-zero CG residuals: the student has a direction, so REPA is non-zero in the warm-up.
+  params["guidance"] = jax.tree.map(lambda x: x + 0.05, params["guidance"])
+  schedule = assembly.make_schedule(config)
+  batch = pipeline.to_global(fixed_batch(), mesh, rules)
+  batch_sh = stage2.batch_shardings(mesh, rules)
+  rng = jax.random.key(11)
+  without = {k: v for k, v in frozen.items() if k != "teacher"}
+  without_sh = {k: v for k, v in f_sh.items() if k != "teacher"}
+  for at, fr, fr_sh in ((0, frozen, f_sh), (config.repa.active_steps, without, without_sh)):
+    results = []
+    for split in (False, True):
+      config.split_step = split
+      step_fn = stage2.jit_train_step(ref, tx, lr, schedule, config, mesh, rules, state_sh,
+                                      fr_sh, batch_sh, with_teacher="teacher" in fr)
+      assert isinstance(step_fn, stage2.SplitTrainStep) == split
+      s = jax.device_put({"params": params, "opt_state": tx.init(params),
+                          "step": np.int32(at)}, state_sh)
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out, m = step_fn(s, fr, batch, rng)
+      results.append((jax.device_get(out), m.compute()))
+    (s_one, m_one), (s_split, m_split) = results
+    assert int(s_split["step"]) == at + 1
+    assert (float(m_one["repa"]) != 0.0) == (at == 0)  # REPA on in the warm-up only
+    for key in ("loss", "repa", "mse"):
+      numerics.assert_close_up_to_rounding(float(m_split[key]), float(m_one[key]),
+                                           n_terms=N_TERMS, err_msg=f"step {at + 1} {key}")
+    numerics.assert_close_up_to_rounding(numerics.last_gradient(s_split["opt_state"]),
+                                         numerics.last_gradient(s_one["opt_state"]),
+                                         n_terms=N_TERMS, err_msg=f"step {at + 1} gradient")
+    numerics.assert_close_up_to_rounding(numerics.updates(s_split["params"], params),
+                                         numerics.updates(s_one["params"], params),
+                                         n_terms=N_TERMS, extra_atol=numerics.ulps(params),
+                                         err_msg=f"step {at + 1} update")
 
 
 def test_which_steps_need_the_teacher():

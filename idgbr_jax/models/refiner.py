@@ -221,19 +221,22 @@ class Refiner:
     return eps[:b], eps[b:]
 
   def losses(self, trainable: Params, frozen: Params, z_t, t, noise, cond: Conditions, *,
-             keep=None, image=None, align=None):
+             keep=None, image=None, align=None, teacher=None):
     """The training terms (mse, repa) for one noised batch.
 
     mse: mean squared error of ε̂ against `noise` (float32). repa: the REPA alignment of the
     CG net's last residual with the teacher's tokens of `image`, computed only when `align` (a
     traced bool, e.g. step < warm-up) is true and the refiner has a teacher; else 0.
+    `teacher`: those tokens (`teacher_tokens`) when the caller computed them already (the
+    train step does, with the conditions, outside the gradient); else they are computed here.
     """
     eps, student = self.eps(trainable, frozen, z_t, t, cond, keep)
     mse = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
     if align is None or self.teacher is None:
       return mse, jnp.zeros((), jnp.float32)
-    repa_term = jax.lax.cond(align, lambda: self.repa_loss(trainable, frozen, student, image),
-                             lambda: jnp.zeros((), jnp.float32))
+    repa_term = jax.lax.cond(
+        align, lambda: self.repa_loss(trainable, frozen, student, image, teacher),
+        lambda: jnp.zeros((), jnp.float32))
     return mse, repa_term
 
   # ----- outputs ---------------------------------------------------------------------------
@@ -253,8 +256,11 @@ class Refiner:
     x = repa.teacher_input(image, self.config.teacher.patch_size)
     return self.teacher.apply({"params": frozen["teacher"]}, x)["x_norm_patchtokens"]
 
-  def repa_loss(self, trainable: Params, frozen: Params, student: jax.Array, image: jax.Array):
-    teacher = jax.lax.stop_gradient(self.teacher_tokens(frozen, image))
+  def repa_loss(self, trainable: Params, frozen: Params, student: jax.Array, image: jax.Array,
+                teacher: jax.Array | None = None):
+    if teacher is None:
+      teacher = self.teacher_tokens(frozen, image)
+    teacher = jax.lax.stop_gradient(teacher)
     p = self.config.teacher.patch_size
     th, tw = repa.teacher_input_size(image.shape[1:3], p)
     proj = self.projector.apply({"params": trainable["projector"]}, student)

@@ -95,27 +95,26 @@ def drop_teacher(frozen, f_sh):
 
 
 # ----- train step --------------------------------------------------------------------------------
-def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config, *,
+def make_step_parts(ref: refiner.Refiner, tx, lr_schedule, schedule, config, *,
                     with_teacher: bool = True):
-  """(state, frozen, batch, rng) -> (state, TrainMetrics).
+  """The train step's three parts, (prepare, grads, apply):
 
-  Two programs. With the teacher (the warm-up), the REPA term sits behind
-  `lax.cond(step < repa.active_steps)`, so the program is right at any step. `with_teacher=
-  False` is the step after the warm-up: no REPA branch and no teacher among the frozen
-  arguments (its `repa` metric is 0, as the first program's after the warm-up). The trainer
-  switches to it after `repa.active_steps` and frees the teacher (`step_needs_teacher`), as the
-  original deletes DINOv2 after `acc_steps`: 1.1 B parameters (DINOv2-g) off every chip for
-  the rest of the run.
+  * `prepare(frozen, batch, rng, step) -> prepared`: everything before the gradient, from
+    frozen weights only: the conditions (VAE and frozen-encoder passes), the label latent, the
+    timesteps, the noised latent, the condition-dropout mask and, during the REPA warm-up, the
+    teacher's tokens;
+  * `grads(params, frozen, batch, prepared, step) -> (grads, losses)`: the loss and its
+    gradient with respect to the trainable params;
+  * `apply(state, grads, losses) -> (state, TrainMetrics)`: clipping, AdamW, the non-finite
+    guard and the step counter.
 
-  A step whose loss or gradient is not finite leaves params and optimizer state as they were
-  (the step counter moves on) and counts in `TrainMetrics.skipped_steps`; the host decides to
-  stop or go on (`common.NonFiniteGuard`).
+  `make_train_step` composes them into one program; `config.split_step` makes the trainer jit
+  them as three (`jit_train_step`), so that no single compile holds the whole step.
   """
   d = config.diffusion
   use_repa = with_teacher and teacher_steps(ref, config) > 0
 
-  def train_step(state, frozen, batch, rng):
-    step = state["step"]
+  def prepare(frozen, batch, rng, step):
     rng = jax.random.fold_in(rng, step)
     r_cond, r_gt, r_t, r_noise, r_drop = jax.random.split(rng, 5)
     image, label, coarse = batch["image"], batch["label"], batch["coarse"]
@@ -133,29 +132,145 @@ def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config, *,
     t = diffusion.sample_timesteps(r_t, b, schedule, d.timestep_strategy,
                                    d.get("train_max_timestep", 0))
     noise = jax.random.normal(r_noise, z0.shape, jnp.float32)
-    z_t = diffusion.add_noise(schedule, z0, noise, t)
-    keep = (jax.random.uniform(r_drop, (b,)) >= d.cond_dropout).astype(jnp.float32)
+    out = {"cond": cond, "z_t": diffusion.add_noise(schedule, z0, noise, t), "t": t,
+           "noise": noise,
+           "keep": (jax.random.uniform(r_drop, (b,)) >= d.cond_dropout).astype(jnp.float32)}
+    if use_repa:
+      # The teacher only during the warm-up; its tokens take no gradient.
+      tokens = lambda: jax.lax.stop_gradient(ref.teacher_tokens(frozen, image))  # noqa: E731
+      shape = jax.eval_shape(tokens)
+      out["teacher"] = jax.lax.cond(step < config.repa.active_steps, tokens,
+                                    lambda: jnp.zeros(shape.shape, shape.dtype))
+    return out
+
+  def grads(params, frozen, batch, prepared, step):
+    p = prepared
 
     def loss_fn(trainable):
       # Dropped examples (cond_dropout) train the zero-residual (unconditional) branch.
-      mse, align = ref.losses(trainable, frozen, z_t, t, noise, cond,
-                              keep=keep if d.cond_dropout else None, image=image,
-                              align=step < config.repa.active_steps if use_repa else None)
+      mse, align = ref.losses(trainable, frozen, p["z_t"], p["t"], p["noise"], p["cond"],
+                              keep=p["keep"] if d.cond_dropout else None, image=batch["image"],
+                              align=step < config.repa.active_steps if use_repa else None,
+                              teacher=p.get("teacher"))
       return mse + config.repa.weight * align, (mse, align)
 
-    (loss, (mse, align)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, (mse, align)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return g, {"loss": loss, "mse": mse, "repa": align}
+
+  def apply(state, grads, losses):
+    step = state["step"]
     grad_norm = common.l2_norm(grads)
-    ok = common.all_finite(loss, grad_norm)
+    ok = common.all_finite(losses["loss"], grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
     kept = common.keep_if_finite(ok, {"params": params, "opt_state": opt_state},
                                  {"params": state["params"], "opt_state": state["opt_state"]})
-    m = TrainMetrics.single_from_model_output(loss=loss, mse=mse, repa=align,
-                                              grad_norm=grad_norm,
+    m = TrainMetrics.single_from_model_output(loss=losses["loss"], mse=losses["mse"],
+                                              repa=losses["repa"], grad_norm=grad_norm,
                                               learning_rate=lr_schedule(step), applied=ok)
     return {**kept, "step": step + 1}, m
 
+  return prepare, grads, apply
+
+
+def make_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config, *,
+                    with_teacher: bool = True):
+  """(state, frozen, batch, rng) -> (state, TrainMetrics): `make_step_parts` in one function.
+
+  Two programs. With the teacher (the warm-up), the REPA term sits behind
+  `lax.cond(step < repa.active_steps)`, so the program is right at any step. `with_teacher=
+  False` is the step after the warm-up: no REPA branch and no teacher among the frozen
+  arguments (its `repa` metric is 0, as the first program's after the warm-up). The trainer
+  switches to it after `repa.active_steps` and frees the teacher (`step_needs_teacher`), as the
+  original deletes DINOv2 after `acc_steps`: 1.1 B parameters (DINOv2-g) off every chip for
+  the rest of the run.
+
+  A step whose loss or gradient is not finite leaves params and optimizer state as they were
+  (the step counter moves on) and counts in `TrainMetrics.skipped_steps`; the host decides to
+  stop or go on (`common.NonFiniteGuard`).
+  """
+  prepare, grads, apply = make_step_parts(ref, tx, lr_schedule, schedule, config,
+                                          with_teacher=with_teacher)
+
+  def train_step(state, frozen, batch, rng):
+    prepared = prepare(frozen, batch, rng, state["step"])
+    g, losses = grads(state["params"], frozen, batch, prepared, state["step"])
+    return apply(state, g, losses)
+
   return train_step
+
+
+class SplitTrainStep:
+  """The train step as three jitted programs (`make_step_parts`), called in turn:
+  `config.split_step`. The same function as `make_train_step`'s, compiled in three pieces: a
+  compile holds one piece (the sd15 step whole needs more host memory to compile than a
+  24 GiB machine has), and the chip holds the gradient between the last two (as the whole
+  step does before its update). `programs(...)` gives each jitted program with abstract
+  arguments, for `idgbr plan`."""
+
+  def __init__(self, parts, mesh, rules, state_sh, frozen_sh, batch_sh):
+    self.prepare, self.grads, self.apply = parts
+    self.mesh = mesh
+    self.rules = rules
+    self.state_sh, self.frozen_sh, self.batch_sh = state_sh, frozen_sh, batch_sh
+    self.repl = sharding.replicated(mesh)
+    self._prepare = None  # jitted at the first call, once the prepared tree's shape is known
+    self._grads = jax.jit(self.grads, out_shardings=(state_sh["params"], self.repl),
+                          keep_unused=True)
+    self._apply = jax.jit(self.apply, in_shardings=(state_sh, state_sh["params"], self.repl),
+                          out_shardings=(state_sh, self.repl), donate_argnums=(0,))
+
+  def _jit_prepare(self, frozen, batch, rng, step):
+    """(the jitted prepare program, its abstract output): every prepared array has the batch
+    first and is sharded as the batch."""
+    prepared = jax.eval_shape(self.prepare, frozen, batch, rng, step)
+    prepared_sh = jax.tree.map(
+        lambda x: sharding.batch_sharding(self.mesh, x.ndim, self.rules), prepared)
+    if self._prepare is None:
+      self._prepare = jax.jit(self.prepare, in_shardings=(self.frozen_sh, self.batch_sh,
+                                                          self.repl, self.repl),
+                              out_shardings=prepared_sh, keep_unused=True)
+    return self._prepare, jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prepared, prepared_sh)
+
+  def __call__(self, state, frozen, batch, rng):
+    prepare = self._prepare or self._jit_prepare(frozen, batch, rng, state["step"])[0]
+    prepared = prepare(frozen, batch, rng, state["step"])
+    g, losses = self._grads(state["params"], frozen, batch, prepared, state["step"])
+    del prepared  # off the chip before the update
+    return self._apply(state, g, losses)
+
+  def programs(self, state, frozen, batch, rng):
+    """[(name, jitted, abstract args, trees the chip holds meanwhile besides the args)] of the
+    three programs, from abstract (ShapeDtypeStruct) arguments with shardings; call under the
+    mesh and the rules."""
+    prepare, prepared = self._jit_prepare(frozen, batch, rng, state["step"])
+    grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                         state["params"])
+    losses = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=self.repl)
+              for k in ("loss", "mse", "repa")}
+    return [
+        ("prepare", prepare, (frozen, batch, rng, state["step"]), (state,)),
+        ("grads", self._grads, (state["params"], frozen, batch, prepared, state["step"]),
+         (state["opt_state"],)),
+        ("apply", self._apply, (state, grads, losses), (frozen, batch)),
+    ]
+
+
+def jit_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config, mesh, rules,
+                   state_sh, frozen_sh, batch_sh, *, with_teacher: bool):
+  """The trainer's step, `(state, frozen, batch, rng) -> (state, TrainMetrics)`, jitted with
+  its shardings, the state donated: one program, or three with `config.split_step`
+  (`SplitTrainStep`). Compiled at its first call."""
+  if config.get("split_step", False):
+    return SplitTrainStep(make_step_parts(ref, tx, lr_schedule, schedule, config,
+                                          with_teacher=with_teacher),
+                          mesh, rules, state_sh, frozen_sh, batch_sh)
+  repl = sharding.replicated(mesh)
+  return jax.jit(make_train_step(ref, tx, lr_schedule, schedule, config,
+                                 with_teacher=with_teacher),
+                 in_shardings=(state_sh, frozen_sh, batch_sh, repl),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,))
 
 
 def batch_shardings(mesh, rules, cached_keys=()):
@@ -227,16 +342,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----- Train steps ---------------------------------------------------------------------------
   schedule = assembly.make_schedule(config)
-  repl = sharding.replicated(mesh)
 
-  def jit_train_step(frozen_sh):
+  def step_for(frozen_sh):
     # Compiled at its first call: the step without the teacher only if the run gets there.
-    return jax.jit(make_train_step(ref, tx, lr_schedule, schedule, config,
-                                   with_teacher="teacher" in frozen_sh),
-                   in_shardings=(state_sh, frozen_sh, batch_shardings(mesh, rules, cached_keys),
-                                 repl),
-                   out_shardings=(state_sh, repl), donate_argnums=(0,))
-  train_step = jit_train_step(f_sh)
+    return jit_train_step(ref, tx, lr_schedule, schedule, config, mesh, rules, state_sh,
+                          frozen_sh, batch_shardings(mesh, rules, cached_keys),
+                          with_teacher="teacher" in frozen_sh)
+  train_step = step_for(f_sh)
 
   # ----- Checkpoint restore --------------------------------------------------------------------
   if start_step:
@@ -279,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start_step + 1, config.num_train_steps + 1):
       if "teacher" in frozen and not step_needs_teacher(ref, config, step):
         frozen, f_sh = drop_teacher(frozen, f_sh)  # the warm-up is over
-        train_step = jit_train_step(f_sh)
+        train_step = step_for(f_sh)
         logging.info("step %d: REPA warm-up over, teacher dropped", step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with report_progress.timed("data"):
