@@ -81,6 +81,10 @@ def sd15_refiner(config: ml_collections.ConfigDict, runlocal: bool) -> ml_collec
     # the 976 M trainable params and AdamW's two moments take 11.7 GB on every chip, most of
     # a v5e's 16 GB before any activation; sharded 8 ways they take 1.5 GB per chip.
     config.mesh_shape = common.mesh_config(data=1, fsdp=-1)
+    # The step as three programs (train/stage2.py SplitTrainStep; the same numbers): the whole
+    # SD-1.5 step needs more than 24 GiB of host memory to compile for a TPU, each part less
+    # (README "Planning").
+    config.split_step = True
   return config
 
 

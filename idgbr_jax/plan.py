@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import atexit
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
+import gc
 import importlib.util
 import json
 import math
@@ -502,6 +505,17 @@ def compile_program(fn, args, mesh, rules, platform: str):
   return lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True}), message
 
 
+def release_host_memory() -> None:
+  """Hands the memory of a finished compile back to the OS before the next one: freed, it
+  stays in the C allocator's heap otherwise (after the sd15 prepare program ~8 GiB), and the
+  next compile, on a 24 GiB host, starts that much higher."""
+  gc.collect()
+  try:
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: nothing to trim
+    pass
+
+
 def tree_bytes_per_chip(trees) -> int:
   """Bytes one chip holds of abstract arrays with shardings (the largest shard where shards
   differ in size)."""
@@ -615,6 +629,7 @@ def plan(config: ml_collections.ConfigDict, target: Target, *, mesh: dict[str, i
       ooms += [f"{name}: {oom}" if len(pieces) > 1 else oom] if oom else []
       flops += flops_of(compiled)
       del compiled
+      release_host_memory()
     peak, _, memory = max(measured, key=lambda m: m[0])
     if len(pieces) > 1:
       note = "; ".join(filter(None, [note, "config.split_step: the step is " + ", ".join(

@@ -258,10 +258,13 @@ def test_which_steps_need_the_teacher():
 
 
 @pytest.mark.slow
-def test_trainer_drops_the_teacher_after_the_warmup(tmp_path, monkeypatch):
+@pytest.mark.parametrize("split_step", [False, True])
+def test_trainer_drops_the_teacher_after_the_warmup(tmp_path, monkeypatch, split_step):
   """The trainer compiles the step without the teacher only when the warm-up ends and frees the
-  teacher then; resumed inside the warm-up it loads the teacher, resumed after it never does."""
+  teacher then; resumed inside the warm-up it loads the teacher, resumed after it never does.
+  The same with the step as three programs (`config.split_step`)."""
   config = small_config()
+  config.split_step = split_step
   config.data.data_dir = str(tmp_path / "tfds")
   config.data.coarse_dir = str(tmp_path / "coarse")
   _write_split(config, "train", config.data.coarse_dir, lambda l: np.roll(l, 1, axis=0))
@@ -269,7 +272,14 @@ def test_trainer_drops_the_teacher_after_the_warmup(tmp_path, monkeypatch):
   config.eval_every_steps = -1
   config.num_eval_panels = 0
   programs, frozen_built = [], []
-  real_step, real_frozen = stage2.make_train_step, assembly.init_frozen
+  real_step, real_frozen = stage2.make_step_parts, assembly.init_frozen
+  jitted = []
+  real_jit = stage2.jit_train_step
+
+  def jit_spy(*args, **kw):
+    jitted.append(real_jit(*args, **kw))
+    return jitted[-1]
+  monkeypatch.setattr(stage2, "jit_train_step", jit_spy)
 
   def step_spy(*args, with_teacher=True, **kw):
     programs.append(with_teacher)
@@ -278,7 +288,7 @@ def test_trainer_drops_the_teacher_after_the_warmup(tmp_path, monkeypatch):
   def frozen_spy(*args, with_teacher=True, **kw):
     frozen_built.append(with_teacher)
     return real_frozen(*args, with_teacher=with_teacher, **kw)
-  monkeypatch.setattr(stage2, "make_train_step", step_spy)
+  monkeypatch.setattr(stage2, "make_step_parts", step_spy)
   monkeypatch.setattr(assembly, "init_frozen", frozen_spy)
 
   def run(steps):
@@ -297,6 +307,7 @@ def test_trainer_drops_the_teacher_after_the_warmup(tmp_path, monkeypatch):
   assert "teacher" not in out["frozen"]
   out = run(4)  # resumed after it: never loaded
   assert programs == [False] and frozen_built == [False]
+  assert all(isinstance(j, stage2.SplitTrainStep) == split_step for j in jitted) and jitted
 
 
 @pytest.mark.slow
