@@ -107,6 +107,25 @@ def test_train_step_lowers_loss_on_a_fixed_batch(single):
 N_TERMS = 8 * SIZE * SIZE
 
 
+def _assert_same_step(got, want, before, *, keys=("loss",), what=""):
+  """Two runs of one train step from the same params `before`, each (state, computed metrics)
+  under SGD keeping its gradient: the metrics `keys`, the gradient and the update agree to
+  float32 rounding (tests/numerics.py)."""
+  (s_got, m_got), (s_want, m_want) = got, want
+  for key in keys:
+    numerics.assert_close_up_to_rounding(float(m_got[key]), float(m_want[key]),
+                                         n_terms=N_TERMS, err_msg=f"{what} {key}")
+  numerics.assert_close_up_to_rounding(numerics.last_gradient(jax.device_get(s_got["opt_state"])),
+                                       numerics.last_gradient(jax.device_get(s_want["opt_state"])),
+                                       n_terms=N_TERMS, err_msg=f"{what} gradient")
+  # The update (-lr * gradient), plus the rounding of adding it to the float32 weights (half an
+  # ulp in each run).
+  numerics.assert_close_up_to_rounding(numerics.updates(s_got["params"], before),
+                                       numerics.updates(s_want["params"], before),
+                                       n_terms=N_TERMS, extra_atol=numerics.ulps(before),
+                                       err_msg=f"{what} update")
+
+
 @pytest.mark.slow
 def test_sharded_step_equals_single_device():
   """A step on a (data 4, fsdp 2) mesh equals the step on one device: loss, gradients and update
@@ -131,17 +150,7 @@ def test_sharded_step_equals_single_device():
     before = jax.device_get(state1["params"])
     state1, m1 = step1(state1, frozen1, pipeline.to_global(batch, mesh1), rng)
     state8, m8 = step8(state8, frozen8, pipeline.to_global(batch, mesh8), rng)
-    numerics.assert_close_up_to_rounding(float(m8.compute()["loss"]), float(m1.compute()["loss"]),
-                                         n_terms=N_TERMS, err_msg=f"step {i} loss")
-    numerics.assert_close_up_to_rounding(numerics.last_gradient(state8["opt_state"]),
-                                         numerics.last_gradient(state1["opt_state"]),
-                                         n_terms=N_TERMS, err_msg=f"step {i} gradient")
-    # The update (-lr * gradient), plus the rounding of adding it to the float32 weights (half an
-    # ulp in each run).
-    numerics.assert_close_up_to_rounding(numerics.updates(state8["params"], before),
-                                         numerics.updates(state1["params"], before),
-                                         n_terms=N_TERMS, extra_atol=numerics.ulps(before),
-                                         err_msg=f"step {i} update")
+    _assert_same_step((state8, m8.compute()), (state1, m1.compute()), before, what=f"step {i}")
   assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state8["params"]))
 
 
@@ -177,14 +186,7 @@ def test_step_without_teacher_is_the_warmup_step_after_the_warmup(single):
   s_w, m_w = run(warmup_step, frozen, first_after)
   s_a, m_a = run(after_step, without, first_after)
   assert float(m_w["repa"]) == float(m_a["repa"]) == 0.0
-  numerics.assert_close_up_to_rounding(float(m_a["loss"]), float(m_w["loss"]), n_terms=N_TERMS,
-                                       err_msg="loss")
-  numerics.assert_close_up_to_rounding(numerics.last_gradient(jax.device_get(s_a["opt_state"])),
-                                       numerics.last_gradient(jax.device_get(s_w["opt_state"])),
-                                       n_terms=N_TERMS, err_msg="gradient")
-  numerics.assert_close_up_to_rounding(numerics.updates(s_a["params"], params),
-                                       numerics.updates(s_w["params"], params), n_terms=N_TERMS,
-                                       extra_atol=numerics.ulps(params), err_msg="update")
+  _assert_same_step((s_a, m_a), (s_w, m_w), params)
   _, m_in = run(warmup_step, frozen, first_after - 1)
   assert abs(float(m_in["repa"])) > 1e-3  # the last warm-up step still has its REPA term
 
@@ -227,16 +229,8 @@ def test_split_step_is_the_one_program_step():
     (s_one, m_one), (s_split, m_split) = results
     assert int(s_split["step"]) == at + 1
     assert (float(m_one["repa"]) != 0.0) == (at == 0)  # REPA on in the warm-up only
-    for key in ("loss", "repa", "mse"):
-      numerics.assert_close_up_to_rounding(float(m_split[key]), float(m_one[key]),
-                                           n_terms=N_TERMS, err_msg=f"step {at + 1} {key}")
-    numerics.assert_close_up_to_rounding(numerics.last_gradient(s_split["opt_state"]),
-                                         numerics.last_gradient(s_one["opt_state"]),
-                                         n_terms=N_TERMS, err_msg=f"step {at + 1} gradient")
-    numerics.assert_close_up_to_rounding(numerics.updates(s_split["params"], params),
-                                         numerics.updates(s_one["params"], params),
-                                         n_terms=N_TERMS, extra_atol=numerics.ulps(params),
-                                         err_msg=f"step {at + 1} update")
+    _assert_same_step((s_split, m_split), (s_one, m_one), params,
+                      keys=("loss", "repa", "mse"), what=f"step {at + 1}")
 
 
 def test_which_steps_need_the_teacher():
