@@ -430,24 +430,18 @@ def stage2_program(config, mesh, rules, batch: int, *, after_warmup: bool = Fals
       shapes[f"{k}_moments"] = ((batch, h, h, 2 * ref.config.autoencoder.latent_channels),
                                 jnp.float32)
   batch_arrays, _ = _batch(mesh, rules, shapes)
-  repl = sharding.replicated(mesh)
   args = (state, _frozen_in(config, frozen), batch_arrays, _rng(mesh))
-  if config.get("split_step", False):
-    # The trainer's three programs (train.stage2.SplitTrainStep), each with what the chip
-    # holds besides its arguments meanwhile.
-    split = stage2.jit_train_step(ref, tx, lr_schedule, assembly.make_schedule(config), config,
-                                  mesh, rules, state_sh, f_sh,
-                                  stage2.batch_shardings(mesh, rules, cached_keys),
-                                  with_teacher=not after_warmup)
+  # The trainer's own jitted step (one program, or three with config.split_step); keep_unused:
+  # the step never reads some frozen weights (the VAE decoder), which jit would drop from the
+  # compiled program's arguments; the trainer holds them on the chip all the same.
+  step = stage2.jit_train_step(ref, tx, lr_schedule, assembly.make_schedule(config), config,
+                               mesh, rules, state_sh, f_sh,
+                               stage2.batch_shardings(mesh, rules, cached_keys),
+                               with_teacher=not after_warmup, keep_unused=True)
+  if isinstance(step, stage2.SplitTrainStep):
+    # Each program with what the chip holds besides its arguments meanwhile.
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
-      return split.programs(*args)
-  # keep_unused: the step never reads some frozen weights (the VAE decoder), which jit would
-  # drop from the compiled program's arguments; the trainer holds them on the chip all the same.
-  step = jax.jit(stage2.make_train_step(ref, tx, lr_schedule, assembly.make_schedule(config),
-                                        config, with_teacher=not after_warmup),
-                 in_shardings=(state_sh, f_sh, stage2.batch_shardings(mesh, rules, cached_keys),
-                               repl),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,), keep_unused=True)
+      return step.programs(*args)
   return [("step", step, args, ())]
 
 

@@ -258,10 +258,13 @@ class SplitTrainStep:
 
 
 def jit_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config, mesh, rules,
-                   state_sh, frozen_sh, batch_sh, *, with_teacher: bool):
+                   state_sh, frozen_sh, batch_sh, *, with_teacher: bool,
+                   keep_unused: bool = False):
   """The trainer's step, `(state, frozen, batch, rng) -> (state, TrainMetrics)`, jitted with
   its shardings, the state donated: one program, or three with `config.split_step`
-  (`SplitTrainStep`). Compiled at its first call."""
+  (`SplitTrainStep`). Compiled at its first call. `keep_unused` (`idgbr plan`) keeps the
+  frozen weights the one program never reads (the VAE decoder) among its arguments, as the
+  chip holds them all the same; the split programs always keep them."""
   if config.get("split_step", False):
     return SplitTrainStep(make_step_parts(ref, tx, lr_schedule, schedule, config,
                                           with_teacher=with_teacher),
@@ -270,7 +273,7 @@ def jit_train_step(ref: refiner.Refiner, tx, lr_schedule, schedule, config, mesh
   return jax.jit(make_train_step(ref, tx, lr_schedule, schedule, config,
                                  with_teacher=with_teacher),
                  in_shardings=(state_sh, frozen_sh, batch_sh, repl),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,))
+                 out_shardings=(state_sh, repl), donate_argnums=(0,), keep_unused=keep_unused)
 
 
 def batch_shardings(mesh, rules, cached_keys=()):
